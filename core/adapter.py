@@ -1,0 +1,87 @@
+"""The Adapter plugin kind, and how ``method+modifier+…`` specs are composed.
+
+Two roles:
+
+- a **method** (lora, dora, ia3, qdylora, …) wraps the model's quantized layers and owns
+  the trainable parameters. It lists the ``slots`` — replaceable pieces such as
+  ``"scaling"`` or ``"init"`` — that modifiers may fill;
+- a **modifier** (rslora, loftq, olora, …) fills one slot of a method (``modifies``).
+
+``compose`` checks a spec against those declarations only — never against names — so a
+third-party modifier composes exactly as a built-in one does, and a combination that
+makes no sense (``ia3+loftq``) is refused with a one-line reason.
+"""
+from typing import ClassVar, Literal
+
+from qpeft.core import spec as specs
+from qpeft.core.errors import OptionsError
+from qpeft.core.plugin import Plugin
+
+
+class Adapter(Plugin):
+    """Base of adapter plugins (methods and modifiers)."""
+
+    kind: ClassVar[str] = "adapter"
+    role: ClassVar[Literal["method", "modifier"]] = "method"
+    slots: ClassVar[frozenset] = frozenset()  # method: the pieces modifiers may replace
+    modifies: ClassVar[str] = ""              # modifier: the slot it fills
+
+    @classmethod
+    def listing_extras(cls) -> dict:
+        extra = {"role": cls.role}
+        if cls.role == "modifier":
+            extra["modifies"] = cls.modifies
+        elif cls.slots:
+            extra["slots"] = sorted(cls.slots)
+        return extra
+
+    # -- methods implement these -------------------------------------------------------
+    def attach(self, model, modifiers: list["Adapter"]) -> None:
+        """Wrap the target layers of ``model`` in place; only adapter tensors stay trainable."""
+        raise NotImplementedError(f"adapter '{self.name}' is a modifier; compose it onto a method")
+
+
+class Composition:
+    """One method and the modifiers filling its slots, as built from a spec."""
+
+    def __init__(self, method: Adapter, modifiers: list[Adapter], spec: str):
+        self.method, self.modifiers, self.spec = method, modifiers, spec
+
+    @property
+    def parts(self) -> list[Adapter]:
+        return [self.method, *self.modifiers]
+
+    def attach(self, model) -> None:
+        self.method.attach(model, self.modifiers)
+
+
+def compose(spec: str, registry) -> Composition:
+    """A :class:`Composition` from ``"dora+loftq:iters=3"``, or a one-line error."""
+    parts = specs.parse(spec)
+    names = [name for name, _ in parts]
+    if len(set(names)) != len(names):
+        raise OptionsError(f"'{spec}' names an adapter twice")
+    classes = [registry.get("adapter", name) for name in names]
+    methods = [cls for cls in classes if cls.role == "method"]
+    if len(methods) != 1:
+        found = ", ".join(c.name for c in methods) or "none"
+        all_methods = [n for n in registry.names("adapter") if registry.get("adapter", n).role == "method"]
+        raise OptionsError(f"'{spec}' needs exactly one adapter method (found: {found}); "
+                           f"methods: {', '.join(all_methods)}")
+    method_cls = methods[0]
+    filled: dict[str, str] = {}
+    for cls in classes:
+        if cls.role != "modifier":
+            continue
+        if cls.modifies not in method_cls.slots:
+            fits = [n for n in registry.names("adapter")
+                    if cls.modifies in registry.get("adapter", n).slots]
+            raise OptionsError(f"'{cls.name}' sets the {cls.modifies} of an adapter, which "
+                               f"'{method_cls.name}' does not have; use it with: {', '.join(fits) or 'none'}")
+        if cls.modifies in filled:
+            raise OptionsError(f"'{filled[cls.modifies]}' and '{cls.name}' both set the "
+                               f"{cls.modifies}; keep one")
+        filled[cls.modifies] = cls.name
+    built = [cls.from_values(values) for cls, (_, values) in zip(classes, parts)]
+    method = next(b for b in built if b.role == "method")
+    return Composition(method, [b for b in built if b.role == "modifier"], spec)

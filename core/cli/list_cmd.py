@@ -1,0 +1,53 @@
+"""``qpeft list``: every plugin by kind, with origin, description and options."""
+import json
+
+import click
+
+from qpeft.core import registry
+from qpeft.core.options import describe
+
+
+def plugin_record(cls) -> dict:
+    """A plugin as a JSON-able record."""
+    record = {"name": cls.name, "kind": cls.kind, "description": cls.description,
+              "origin": cls.origin.distribution if cls.origin else None,
+              "version": cls.origin.version if cls.origin else None,
+              "options": describe(cls.Options)}
+    record.update(getattr(cls, "listing_extras", lambda: {})())
+    return record
+
+
+def listing(kind: str | None = None) -> dict:
+    """Plugins (optionally of one kind) and the plugins that failed to load."""
+    reg = registry.default()
+    kinds = [kind] if kind else list(registry.KINDS)
+    out = {k: [plugin_record(reg.get(k, n)) for n in reg.names(k)] for k in kinds}
+    out["failures"] = [{"name": f.name, "origin": f.origin.distribution,
+                        "version": f.origin.version, "error": f.error} for f in reg.failures]
+    return out
+
+
+@click.command("list")
+@click.argument("kind", required=False, type=click.Choice(sorted(registry.KINDS)))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_command(kind: str | None, as_json: bool) -> None:
+    """List quantizers, adapters and evaluators (or only KIND) with their options."""
+    data = listing(kind)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    for k in [kind] if kind else list(registry.KINDS):
+        click.secho(f"{k}s", bold=True)
+        for rec in data[k]:
+            click.echo(f"  {rec['name']:<14} {rec['description']}  [{rec['origin']} {rec['version']}]")
+            for extra in ("role", "modifies"):
+                if rec.get(extra):
+                    click.echo(f"      {extra}: {rec[extra]}")
+            for opt in rec["options"]:
+                click.echo(f"      {opt['name']}={opt['default']!r:<10} {opt['help']}")
+        if not data[k]:
+            click.echo("  (none)")
+    if data["failures"]:
+        click.secho("failed to load", bold=True, fg="red")
+        for f in data["failures"]:
+            click.echo(f"  {f['name']:<14} from {f['origin']} {f['version']}: {f['error']}")

@@ -1,0 +1,64 @@
+"""The ``qpeft`` command group: ``--version``, ``--debug`` and one-line errors.
+
+Every user error (a :class:`QpeftError` or a click usage error) is printed as one line on
+stderr with exit status 2; ``--debug`` (or ``QPEFT_DEBUG=1``) shows the traceback instead.
+"""
+import os
+import sys
+
+import click
+
+from qpeft.core.cli.list_cmd import list_command
+from qpeft.core.errors import QpeftError
+from qpeft.core.version import __version__
+
+
+class QpeftGroup(click.Group):
+    """A click group whose errors are one line on stderr (exit 2), tracebacks under --debug."""
+
+    def main(self, args=None, prog_name="qpeft", **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in args or os.environ.get("QPEFT_DEBUG") == "1"
+        extra["standalone_mode"] = False
+        try:
+            code = super().main(args=args, prog_name=prog_name, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            if debug:
+                raise
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except QpeftError as exc:
+            if debug:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=QpeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="qpeft")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Fine-tune quantized LLMs with parameter-efficient adapters, and compare them.
+
+    \b
+    Start with:  qpeft list            # every quantizer, adapter and evaluator
+                 qpeft run             # the whole pipeline on the embedded defaults
+    """
+    if debug:
+        os.environ["QPEFT_DEBUG"] = "1"
+
+
+cli.add_command(list_command)
+
+
+def main() -> None:
+    """Entry point of the ``qpeft`` script and ``python -m qpeft``."""
+    cli.main()

@@ -1,0 +1,174 @@
+"""The Quantizer plugin kind and the quantized-layer contract every adapter builds on.
+
+A Quantizer turns ``nn.Linear`` layers into :class:`QuantizedLinear` modules. Adapters
+never look inside a storage format: they call ``matmul`` (forward/backward in the compute
+dtype), ``dequantize`` (read Ŵ), ``set_weight`` (write W back, re-quantized — LoftQ,
+OLoRA and merging need it) and ``storage_bytes``. So any adapter works over any quantizer.
+
+    model ──quantize_model──▶ every target nn.Linear replaced, one layer at a time
+                              (moved to the device, quantized, full-precision copy freed)
+"""
+import dataclasses
+import time
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from qpeft.core.options import option
+from qpeft.core.plugin import Plugin
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen ``y = x·Ŵᵀ + b`` whose weight Ŵ (out×in) is held in some storage format."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.bias = None if bias is None else nn.Parameter(
+            bias.detach().to(compute_dtype), requires_grad=False)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x·Ŵᵀ`` in the compute dtype, differentiable with respect to ``x`` only."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ as a float32 (out×in) tensor, detached."""
+        raise NotImplementedError
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Replace Ŵ by the quantization of ``weight`` (out×in)."""
+        raise NotImplementedError
+
+    def storage_bytes(self) -> int:
+        """Bytes of every tensor held for Ŵ (packed codes, scales, zeros) and the bias."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x.to(self.compute_dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.compute_dtype}"
+
+
+@dataclasses.dataclass
+class QuantizerOptions:
+    """Options every quantizer has; a plugin's Options subclasses this."""
+
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = option(
+        "bfloat16", "dtype of matmuls and of the layers left unquantized")
+    include_lm_head: bool = option(False, "also quantize the output projection (lm_head)")
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """What quantizing one layer did: its size before/after and ‖W−Ŵ‖/‖W‖."""
+
+    name: str
+    weights: int
+    bytes_before: int
+    bytes_after: int
+    rel_error: float | None
+
+
+class Quantizer(Plugin):
+    """Base of quantizer plugins: implement :meth:`quantize_linear`."""
+
+    kind: ClassVar[str] = "quantizer"
+    Options: ClassVar[type] = QuantizerOptions
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.options.compute_dtype]
+
+    def quantize_linear(self, linear: nn.Linear) -> QuantizedLinear:
+        """A :class:`QuantizedLinear` holding ``linear``'s weight, on ``linear``'s device."""
+        raise NotImplementedError
+
+    def targets(self, model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+        """``(name, parent, attribute, layer)`` of every linear layer to quantize."""
+        skip = None if self.options.include_lm_head else model.get_output_embeddings()
+        out = []
+        for parent_name, parent in model.named_modules():
+            for attr, child in parent.named_children():
+                if isinstance(child, nn.Linear) and child is not skip:
+                    out.append((f"{parent_name}.{attr}".lstrip("."), parent, attr, child))
+        return out
+
+    def quantize_model(self, model: nn.Module, device: str | torch.device = "cpu",
+                       measure: bool = False, progress: bool = False) -> list[LayerStats]:
+        """Replace the target layers in place, one at a time on ``device``; cast the rest.
+
+        With ``measure``, each layer's relative reconstruction error is computed before its
+        full-precision weight is freed.
+        """
+        from tqdm.auto import tqdm
+
+        stats = []
+        targets = self.targets(model)
+        for name, parent, attr, linear in tqdm(targets, desc=f"quantizing ({self.name})",
+                                               disable=not progress, unit="layer"):
+            linear = linear.to(device)
+            w = linear.weight.detach()
+            layer = self.quantize_linear(linear)
+            err = None
+            if measure:
+                err = (torch.linalg.norm(w.float() - layer.dequantize().to(w.device))
+                       / torch.linalg.norm(w.float())).item()
+            stats.append(LayerStats(name, w.numel(), w.numel() * w.element_size()
+                                    + _bias_bytes(linear), layer.storage_bytes(), err))
+            setattr(parent, attr, layer)
+            del linear, w
+        for module in model.modules():
+            if not isinstance(module, QuantizedLinear):
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(False)
+        cast_unquantized(model, self.compute_dtype, device)
+        return stats
+
+
+def _bias_bytes(linear: nn.Linear) -> int:
+    return 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()
+
+
+def _plain_modules(module: nn.Module):
+    """Every module outside quantized layers (never descends into a QuantizedLinear)."""
+    if isinstance(module, QuantizedLinear):
+        return
+    yield module
+    for child in module.children():
+        yield from _plain_modules(child)
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype, device) -> None:
+    """Move the model to ``device`` and cast floating tensors outside quantized layers."""
+    for layer in quantized_layers(model).values():
+        layer.to(device)
+    for module in _plain_modules(model):
+        for key, p in module._parameters.items():
+            if p is not None and p.is_floating_point():
+                p.data = p.data.to(device=device, dtype=dtype)
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = b.to(device, dtype if b.is_floating_point() else b.dtype)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes the model holds: quantized storage plus every other tensor, tied ones once."""
+    seen, total = set(), sum(q.storage_bytes() for q in quantized_layers(model).values())
+    for module in _plain_modules(model):
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Every quantized layer of a model, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}

@@ -1,0 +1,36 @@
+"""A tiny random Llama-architecture model with the embedded model's real tokenizer.
+
+For fast tests — qpeft's own and plugin authors'. Building it takes well under a second
+once the embedded model's conversion is cached.
+"""
+
+
+def tiny_model(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 128, vocab_size: int | None = None, seed: int = 0, tokenizer=None):
+    """A randomly initialised ``LlamaForCausalLM`` in fp32, on CPU, in train mode off."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if vocab_size is None:
+        vocab_size = len(tokenizer if tokenizer is not None else tiny_tokenizer())
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.config.qpeft_source = "tiny"
+    return model
+
+
+def tiny_tokenizer():
+    """The embedded model's tokenizer (a real BPE tokenizer with a chat template)."""
+    from qpeft.core.models import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def tiny_model_and_tokenizer(**kwargs):
+    """``(model, tokenizer)``: :func:`tiny_model` and the tokenizer it was sized for."""
+    tokenizer = tiny_tokenizer()
+    return tiny_model(tokenizer=tokenizer, **kwargs), tokenizer

@@ -1,0 +1,1 @@
+"""Built-in adapters: one module per method; each registers through the public hooks."""

@@ -1,0 +1,9 @@
+"""qpeft — fine-tune quantized LLMs with parameter-efficient methods, and compare them.
+
+The package is a thin facade: the pipeline lives in :mod:`qpeft.core`, the built-in
+methods in :mod:`qpeft.plugins`. Importing qpeft imports neither torch nor any plugin.
+"""
+from qpeft.core.hookspecs import hookimpl
+from qpeft.core.version import __version__
+
+__all__ = ["hookimpl", "__version__"]

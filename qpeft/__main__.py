@@ -1,0 +1,3 @@
+from qpeft.core.cli.main import main
+
+main()

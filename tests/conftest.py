@@ -1,0 +1,29 @@
+"""Shared fixtures: an isolated registry, the tiny model, the embedded model."""
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from qpeft.core.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny(tokenizer):
+    """A fresh tiny random Llama (2 layers, hidden 64) with the real tokenizer's vocabulary."""
+    from qpeft.core.testing import tiny_model
+
+    return tiny_model(tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (converted once, cached under $QPEFT_CACHE)."""
+    from qpeft.core.models import load_model
+
+    return load_model(None)
