@@ -1,0 +1,233 @@
+"""Loading training examples: Alpaca, chat and plain-text files, the split, the bundled set.
+
+Formats (detected per file from its first record, or forced with ``fmt``)::
+
+    alpaca  {"instruction": "...", "input": "...", "output": "..."}   JSON list or JSONL
+    chat    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}
+    text    {"text": "..."}
+
+Any record may also carry ``answer`` (the checkable short answer) and ``task`` (a label);
+other keys are ignored. Every record becomes one :class:`Example`. A malformed record is
+an error naming the file and line (``data.jsonl:17: missing 'output'``); with
+``skip_bad_lines=True`` such records are skipped and counted in a single warning.
+"""
+import dataclasses
+import json
+import random
+import warnings
+from pathlib import Path
+
+from qpeft.core.errors import QpeftError
+
+FORMATS = ("auto", "alpaca", "chat", "text")
+ROLES = ("system", "user", "assistant")
+BUNDLED = "bundled"
+_BUNDLED_FILES = {"train": "edge_tasks.train.jsonl", "test": "edge_tasks.test.jsonl"}
+
+
+class DataError(QpeftError):
+    """A data file is missing, malformed or of an unknown format."""
+
+
+class _BadRecord(Exception):
+    """One record is malformed; the message says how (without the file:line prefix)."""
+
+
+@dataclasses.dataclass
+class Example:
+    """One training example, whatever format it came from.
+
+    An instruction example has ``messages`` (the prompt turns, ending with a user turn)
+    and ``response`` (the assistant's answer, the part trained on by default). A plain-text
+    example has only ``text``, trained on in full.
+    """
+
+    messages: list = dataclasses.field(default_factory=list)
+    response: str = ""
+    text: str | None = None
+    instruction: str | None = None  # kept from Alpaca records for the Alpaca template
+    input: str = ""
+    answer: str | None = None       # short checkable answer, for exact-match evaluation
+    task: str | None = None
+    source: str = ""                # "file:line", for messages
+
+    @property
+    def is_text(self) -> bool:
+        """True for a plain-text example (no prompt/response structure)."""
+        return self.text is not None
+
+
+def load(path, fmt: str = "auto", skip_bad_lines: bool = False) -> list[Example]:
+    """The examples in ``path`` (a JSON list or JSONL file), or the bundled train split.
+
+    ``path`` may be ``"bundled"`` (or None) for the bundled dataset's train split.
+    """
+    if path in (None, "", BUNDLED):
+        return bundled("train")
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format '{fmt}'; use one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such data file: {path}; pass a .jsonl or .json file, or 'bundled'")
+    return parse(path.read_text(encoding="utf-8"), path.name, fmt, skip_bad_lines)
+
+
+def parse(text: str, name: str, fmt: str = "auto", skip_bad_lines: bool = False) -> list[Example]:
+    """Examples from the contents of a file called ``name`` (used in messages)."""
+    examples, bad = [], []
+    for where, record in _records(text, name):
+        try:
+            if isinstance(record, _BadRecord):
+                raise record
+            if fmt == "auto":
+                fmt = detect(record)
+            examples.append(_convert(record, fmt, where))
+        except _BadRecord as exc:
+            if not skip_bad_lines:
+                raise DataError(f"{where}: {exc}; fix it or pass skip_bad_lines=True") from None
+            bad.append(where.rsplit(":", 1)[-1])
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(f"{name}: skipped {len(bad)} bad record(s) (lines {shown})", stacklevel=2)
+    if not examples:
+        raise DataError(f"{name} has no usable examples; add JSON records with 'instruction', "
+                        "'messages' or 'text'")
+    return examples
+
+
+def _records(text: str, name: str):
+    """``(where, record)`` pairs; a record that fails to decode is a ``_BadRecord``."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg}); "
+                            "fix it or write one record per line (JSONL)") from None
+        for i, item in enumerate(items, 1):
+            yield f"{name}:item {i}", item
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{name}:{number}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield f"{name}:{number}", _BadRecord(f"invalid JSON ({exc.msg})")
+
+
+def detect(record) -> str:
+    """The format of one record: "chat", "alpaca" or "text"."""
+    if not isinstance(record, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(record).__name__}")
+    for key, fmt in (("messages", "chat"), ("instruction", "alpaca"), ("text", "text")):
+        if key in record:
+            return fmt
+    raise _BadRecord("cannot tell the format: expected 'instruction', 'messages' or 'text'")
+
+
+def _convert(record, fmt: str, where: str) -> Example:
+    """One record of a known format as an :class:`Example`."""
+    if not isinstance(record, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(record).__name__}")
+    extra = {"answer": _optional(record, "answer", number_ok=True),
+             "task": _optional(record, "task"), "source": where}
+    if fmt == "text":
+        return Example(text=_required(record, "text"), **extra)
+    if fmt == "alpaca":
+        instruction = _required(record, "instruction")
+        inp = _optional(record, "input") or ""
+        user = f"{instruction}\n\n{inp}" if inp else instruction
+        return Example(messages=[{"role": "user", "content": user}],
+                       response=_required(record, "output"),
+                       instruction=instruction, input=inp, **extra)
+    messages = _messages(record)
+    return Example(messages=messages[:-1], response=messages[-1]["content"], **extra)
+
+
+def _messages(record) -> list[dict]:
+    """The validated ``messages`` list of a chat record; it must end with an assistant turn."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRecord("'messages' must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise _BadRecord(f"messages[{i}] must be an object with a text 'content'")
+        if m.get("role") not in ROLES:
+            raise _BadRecord(f"messages[{i}] has unknown role {m.get('role')!r}; "
+                             f"use one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant":
+        raise _BadRecord("the last message must have role 'assistant' (the response to learn)")
+    if not any(m["role"] == "user" for m in out):
+        raise _BadRecord("'messages' needs a 'user' message before the assistant's")
+    return out
+
+
+def _required(record: dict, key: str) -> str:
+    """The non-empty text at ``record[key]``."""
+    if key not in record:
+        raise _BadRecord(f"missing '{key}'")
+    value = record[key]
+    if not isinstance(value, str):
+        raise _BadRecord(f"'{key}' must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise _BadRecord(f"'{key}' is empty")
+    return value
+
+
+def _optional(record: dict, key: str, number_ok: bool = False) -> str | None:
+    """The text at ``record[key]``, or None; numbers become text when ``number_ok``."""
+    value = record.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if number_ok and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _BadRecord(f"'{key}' must be text, got {type(value).__name__}")
+
+
+def split(examples: list, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """A seeded ``(train, validation)`` split; each part keeps the original order.
+
+    The default 80/20 follows the thesis. The same examples and seed give the same split.
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}; e.g. 0.2")
+    n_val = max(1, round(len(examples) * val_fraction))
+    if n_val >= len(examples):
+        raise DataError(f"{len(examples)} example(s) are too few to split; add more or "
+                        "pass a validation file")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return ([e for i, e in enumerate(examples) if i not in val],
+            [e for i, e in enumerate(examples) if i in val])
+
+
+def load_splits(path=None, validation=None, fmt: str = "auto", val_fraction: float = 0.2,
+                seed: int = 0, skip_bad_lines: bool = False) -> tuple[list, list]:
+    """``(train, validation)`` examples: from an explicit validation file, else a seeded split."""
+    examples = load(path, fmt, skip_bad_lines)
+    if validation is None:
+        return split(examples, val_fraction, seed)
+    return examples, load(validation, fmt, skip_bad_lines)
+
+
+def bundled(split_name: str = "train") -> list[Example]:
+    """The bundled edge-task dataset's ``"train"`` or ``"test"`` split (see docs/data.md)."""
+    from importlib import resources
+
+    if split_name not in _BUNDLED_FILES:
+        raise DataError(f"the bundled dataset has no split '{split_name}'; use 'train' or 'test'")
+    name = _BUNDLED_FILES[split_name]
+    text = resources.files("qpeft.core").joinpath("resources", name).read_text(encoding="utf-8")
+    return parse(text, name, "alpaca")
+
+
+def exact_match(generated: str, answer: str) -> bool:
+    """True when the first line of ``generated`` is ``answer`` (case, spaces, final '.' ignored)."""
+    lines = generated.strip().splitlines()
+
+    def norm(s):
+        return s.strip().rstrip(".").strip().lower()
+    return bool(lines) and norm(lines[0]) == norm(answer)
