@@ -9,6 +9,8 @@ import sys
 import click
 
 from qpeft.core.cli.list_cmd import list_command
+from qpeft.core.cli.run_cmd import run_command
+from qpeft.core.cli.quantize_cmd import quantize_command
 from qpeft.core.errors import QpeftError
 from qpeft.core.version import __version__
 
@@ -42,7 +44,7 @@ class QpeftGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=QpeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("qpeft", cls=QpeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="qpeft")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
@@ -57,6 +59,8 @@ def cli(debug: bool) -> None:
 
 
 cli.add_command(list_command)
+cli.add_command(run_command)
+cli.add_command(quantize_command)
 
 
 def main() -> None:
