@@ -20,7 +20,7 @@ class EvalContext:
     validation: list = dataclasses.field(default_factory=list)  # held-out Examples (loss/ppl)
     test: list = dataclasses.field(default_factory=list)        # Examples with checkable answers
     encode: Any = None          # Example -> {"input_ids", "labels"} with the run's template
-    render_prompt: Any = None   # Example -> prompt text for generation
+    prompt_ids: Any = None      # Example -> prompt token ids for generation (same template)
     facts: dict = dataclasses.field(default_factory=dict)       # sizes, memory, runtime so far
 
 

@@ -1,0 +1,87 @@
+"""``qpeft run``: one command from a model to an evaluated, saved adapter."""
+import click
+
+from qpeft.core import config as run_config
+
+SETTINGS = [  # (flag, type, help) — the field is the flag with '_' for '-'
+    ("--model", str, "Hugging Face id or directory, or a .gguf file [default: embedded SmolLM2-135M-Instruct]"),
+    ("--quant", str, "quantizer spec, e.g. nf4, hqq:nbits=2, none [default: nf4]"),
+    ("--adapter", str, "adapter spec, e.g. lora, dora+loftq, lora:r=8+rslora [default: lora]"),
+    ("--data", click.Path(dir_okay=False), "training data: Alpaca, chat or text JSON/JSONL [default: bundled edge tasks]"),
+    ("--validation-data", click.Path(dir_okay=False), "explicit validation file [default: seeded 80/20 split]"),
+    ("--data-format", click.Choice(["auto", "alpaca", "chat", "text"]), "format of --data [default: auto]"),
+    ("--template", click.Choice(["auto", "chat", "alpaca"]), "prompt template [default: the model's chat template]"),
+    ("--max-length", int, "maximum tokens per example [default: 256]"),
+    ("--evaluators", str, "comma-separated evaluator specs [default: perplexity,accuracy,prompts,footprint]"),
+    ("--eval-limit", int, "evaluate on at most N examples per split, 0 for all [default: 0]"),
+    ("--steps", int, "optimizer steps; 0 to train for --epochs [default: 100]"),
+    ("--epochs", float, "epochs when --steps is 0 [default: 1]"),
+    ("--batch-size", int, "examples per optimizer step, across processes [default: 8]"),
+    ("--grad-accum", int, "micro-batches per step [default: 1]"),
+    ("--lr", float, "peak learning rate [default: 3e-4]"),
+    ("--schedule", click.Choice(["constant", "cosine", "linear"]), "LR schedule after warmup [default: constant]"),
+    ("--warmup-steps", int, "linear warmup steps [default: 0]"),
+    ("--weight-decay", float, "AdamW weight decay [default: 0]"),
+    ("--max-grad-norm", float, "gradient clipping, 0 to disable [default: 1.0]"),
+    ("--optimizer", click.Choice(["adamw", "paged_adamw_32bit", "paged_adamw_8bit"]), "optimizer; paged ones need CUDA [default: adamw]"),
+    ("--seed", int, "seed for data order, split, init and dropout [default: 42]"),
+    ("--log-every", int, "log every N steps [default: 5]"),
+    ("--eval-every", int, "evaluate the validation loss every N steps, 0 never [default: 0]"),
+    ("--save-every", int, "checkpoint every N steps [default: 50]"),
+    ("--name", str, "run name [default: QUANT-ADAPTER]"),
+    ("--output-dir", click.Path(file_okay=False), "where run directories go [default: runs]"),
+    ("--device", str, "cpu, cuda, cuda:1 or auto [default: auto]"),
+]
+FLAGS = [("--resume", "continue RUN_DIR from its newest complete checkpoint"),
+         ("--overwrite", "replace an existing run directory"),
+         ("--skip-bad-lines", "skip malformed data lines instead of refusing them"),
+         ("--train-on-prompt", "take the loss on prompt tokens too"),
+         ("--gradient-checkpointing", "recompute activations in backward to save memory")]
+
+
+def _options(command):
+    for flag, typ, help_text in reversed(SETTINGS):
+        command = click.option(flag, type=typ, default=None, help=help_text)(command)
+    for flag, help_text in reversed(FLAGS):
+        command = click.option(flag, is_flag=True, default=None, help=help_text)(command)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="YAML/JSON file of settings named like the flags; flags override it")(command)
+
+
+@click.command("run")
+@click.argument("run_dir", required=False)
+@_options
+def run_command(run_dir, config_file, **flags):
+    """Quantize a model, attach an adapter, train, evaluate before and after, save.
+
+    \b
+    Examples:
+      qpeft run                                    # embedded model, nf4 + lora, bundled data
+      qpeft run --quant nf4 --adapter dora
+      qpeft run --quant hqq:nbits=2 --adapter lora+rslora --data train.jsonl
+      qpeft run --resume runs/nf4-lora             # continue after an interruption
+    """
+    from qpeft.core import pipeline
+
+    if run_dir is not None:
+        if not flags.get("resume"):
+            raise click.UsageError("RUN_DIR is only taken with --resume; use --name to name a new run")
+        config_file = config_file or _saved_config(run_dir)
+    cfg = run_config.build(config_file, {k: v for k, v in flags.items() if v is not None})
+    pipeline.run(cfg, say=lambda line: click.echo(line, err=True))
+
+
+def _saved_config(run_dir: str) -> str:
+    """The config file a run directory was started with, flattened for --resume."""
+    import json
+    from pathlib import Path
+
+    saved = Path(run_dir) / "config.json"
+    if not saved.is_file():
+        raise click.UsageError(f"{run_dir} has no config.json; is it a qpeft run directory?")
+    cfg = json.loads(saved.read_text())["config"]
+    cfg.update(cfg.pop("train"))
+    cfg["name"], cfg["output_dir"] = Path(run_dir).name, str(Path(run_dir).parent)
+    flat = Path(run_dir) / ".resume-config.json"
+    flat.write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("resume", "overwrite")}))
+    return str(flat)

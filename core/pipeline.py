@@ -1,0 +1,163 @@
+"""The run pipeline: load → quantize → evaluate → adapt → train → evaluate → save → report.
+
+    model spec ─▶ load_model ─▶ Quantizer.quantize_model ─▶ evaluators ("before")
+               ─▶ Composition.attach ─▶ Trainer.train ─▶ evaluators ("after")
+               ─▶ adapter/ + config.json + metrics.jsonl + report.{json,md} + loss.png
+
+Every name is resolved and every input checked before the model is loaded, so a typo
+costs a second, not a conversion.
+"""
+import dataclasses
+import json
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+from qpeft.core import data as datasets
+from qpeft.core import distributed, memory, models, registry, report, templates
+from qpeft.core.adapter import compose
+from qpeft.core.batch_source import EncodedBatches
+from qpeft.core.config import RunConfig
+from qpeft.core.errors import QpeftError
+from qpeft.core.evaluator import EvalContext
+from qpeft.core.plugin import Plugin
+from qpeft.core.quantizer import model_bytes
+from qpeft.core.spec import parse, split_list
+from qpeft.core.trainer import Trainer
+from qpeft.core.version import __version__
+
+
+@dataclasses.dataclass
+class Plan:
+    """The plugins and data of a run, resolved and checked."""
+
+    quantizer: Plugin
+    adapter: object                # a Composition
+    evaluators: list
+    train: list
+    validation: list
+    test: list
+
+
+def build_plugin(kind: str, spec: str, reg) -> Plugin:
+    """One quantizer or evaluator from ``name[:key=value...]``."""
+    parts = parse(spec)
+    if len(parts) != 1:
+        raise QpeftError(f"a {kind} spec names one plugin; got '{spec}'")
+    name, values = parts[0]
+    return reg.get(kind, name).from_values(values)
+
+
+def plan(cfg: RunConfig) -> Plan:
+    """Resolve plugins and load data; fails fast with one-line errors."""
+    reg = registry.default()
+    quantizer = build_plugin("quantizer", cfg.quant, reg)
+    adapter = compose(cfg.adapter, reg)
+    evaluators = [build_plugin("evaluator", s, reg) for s in split_list(cfg.evaluators)]
+    if cfg.data is None:
+        train, validation = datasets.split(datasets.bundled("train"), cfg.validation_split, cfg.train.seed)
+        test = datasets.bundled("test")
+    else:
+        train, validation = datasets.load_splits(cfg.data, cfg.validation_data, cfg.data_format,
+                                                 cfg.validation_split, cfg.train.seed, cfg.skip_bad_lines)
+        test = [e for e in validation if e.answer is not None]
+    if cfg.eval_limit:
+        validation, test = validation[:cfg.eval_limit], test[:cfg.eval_limit]
+    return Plan(quantizer, adapter, evaluators, train, validation, test)
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """The run directory: refused if it exists, unless resuming or overwriting."""
+    run_dir = cfg.run_dir
+    if cfg.resume:
+        if not run_dir.is_dir():
+            raise QpeftError(f"nothing to resume at {run_dir}; start it without --resume")
+        return run_dir
+    if run_dir.exists():
+        if not cfg.overwrite:
+            raise QpeftError(f"{run_dir} exists; pass --resume to continue it, --overwrite to "
+                             "replace it, or --name to choose another")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def plugin_record(plugin: Plugin) -> dict:
+    origin = plugin.origin
+    return {"name": plugin.name, "origin": origin.distribution if origin else None,
+            "version": origin.version if origin else None,
+            "options": dataclasses.asdict(plugin.options)}
+
+
+def evaluate(evaluators, ctx: EvalContext, say) -> dict:
+    """Every evaluator on one context; a failing evaluator is recorded, not fatal."""
+    results = {}
+    for ev in evaluators:
+        started = time.perf_counter()
+        try:
+            results[ev.name] = ev.evaluate(ctx)
+        except QpeftError as exc:
+            results[ev.name] = {"error": str(exc)}
+        say(f"  {ctx.stage:>6} {ev.name}: {report.brief(results[ev.name])} "
+            f"({time.perf_counter() - started:.1f} s)")
+    return results
+
+
+def run(cfg: RunConfig, say=print) -> dict:
+    """Run the whole pipeline; returns the report (also written under the run directory)."""
+    p = plan(cfg)
+    world = distributed.current()
+    run_dir = prepare_run_dir(cfg) if world.is_main else cfg.run_dir
+    world.barrier()
+    device = distributed.device_for(cfg.device)
+    resolved = {"run": cfg.run_name, "qpeft_version": __version__, "config": cfg.to_dict(),
+                "quantizer": plugin_record(p.quantizer),
+                "adapter": {"spec": cfg.adapter, "parts": [plugin_record(a) for a in p.adapter.parts]},
+                "evaluators": [plugin_record(e) for e in p.evaluators]}
+    if world.is_main:
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+
+    say(f"qpeft: loading {cfg.model or models.EMBEDDED} on {device}")
+    model, tokenizer = models.load_model(cfg.model)
+    size_before = model_bytes(model)
+    started = time.perf_counter()
+    p.quantizer.quantize_model(model, device=device, progress=world.is_main)
+    facts = {"model_mb_before": round(size_before / 2**20, 2),
+             "quantize_seconds": round(time.perf_counter() - started, 2)}
+
+    template = cfg.template if cfg.template != "auto" else None
+    encode = partial(templates.encode, tokenizer=tokenizer, template=template,
+                     max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
+    ctx = partial(EvalContext, model=model, tokenizer=tokenizer, device=device,
+                  validation=p.validation, test=p.test, encode=lambda e: encode(e)[0],
+                  prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=template))
+
+    before_file = run_dir / "eval_before.json"
+    if cfg.resume and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(p.evaluators, ctx(stage="before", facts=dict(facts)), say)
+        if world.is_main:
+            before_file.write_text(json.dumps(before, indent=2))
+
+    p.adapter.attach(model)
+    items, stats = templates.encode_all(p.train, tokenizer, template, cfg.max_length, cfg.train_on_prompt)
+    batches = EncodedBatches(items, tokenizer.pad_token_id, cfg.train.seed)
+    trainer = Trainer(model, batches, cfg.train, run_dir, device,
+                      hooks=[p.quantizer, *p.adapter.parts, *p.evaluators])
+    result = trainer.train(resume=cfg.resume)
+    facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
+                 tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
+
+    if world.is_main:
+        meta = {"quantizer": plugin_record(p.quantizer), "base_model": cfg.model or models.EMBEDDED,
+                "qpeft_version": __version__, "adapter_spec": cfg.adapter}
+        p.adapter.method.save(model, run_dir / "adapter", meta)
+        facts["adapter_disk_mb"] = round(sum(f.stat().st_size for f in (run_dir / "adapter").iterdir()) / 2**20, 3)
+    after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
+    out = report.build(resolved, before, after, facts, result, stats)
+    if world.is_main:
+        report.write(run_dir, out, result.history)
+        say(f"qpeft: done; report at {run_dir / 'report.md'}")
+    return out

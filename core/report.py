@@ -1,0 +1,82 @@
+"""The run report: ``report.json`` for machines, ``report.md`` for people, ``loss.png``.
+
+Before/after evaluation side by side, trainable parameters and %, adapter size,
+quantized model size, peak memory, runtime and throughput.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+
+def brief(metrics: dict) -> str:
+    """``perplexity=12.3 accuracy=0.41`` for progress lines (numbers only, few of them)."""
+    shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k][:4]
+    if "error" in metrics:
+        return f"error: {metrics['error']}"
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown)
+
+
+def build(resolved: dict, before: dict, after: dict, facts: dict, result, encode_stats) -> dict:
+    """Everything a comparison needs about one run."""
+    return {
+        "run": resolved["run"],
+        "quantizer": resolved["quantizer"], "adapter": resolved["adapter"],
+        "model": resolved["config"]["model"] or "SmolLM2-135M-Instruct",
+        "qpeft_version": resolved["qpeft_version"],
+        "before": before, "after": after, "facts": facts,
+        "training": {"steps": result.steps, "final_loss": result.final_loss,
+                     "seconds": round(result.seconds, 2), "tokens": result.tokens,
+                     "examples": dataclasses.asdict(encode_stats)},
+    }
+
+
+def write(run_dir: Path, report: dict, history: list) -> None:
+    """report.json, report.md and loss.png under ``run_dir``."""
+    run_dir = Path(run_dir)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (run_dir / "report.md").write_text(markdown(report))
+    loss_plot(history, run_dir / "loss.png", title=f"{report['quantizer']['name']} × {report['adapter']['spec']}")
+
+
+def markdown(report: dict) -> str:
+    """The human-readable report."""
+    lines = [f"# qpeft run: {report['quantizer']['name']} × {report['adapter']['spec']}", "",
+             f"Model: {report['model']} · qpeft {report['qpeft_version']}", "",
+             "| evaluator | metric | before | after |", "|---|---|---|---|"]
+    for name, after in report["after"].items():
+        before = report["before"].get(name, {})
+        for metric, value in after.items():
+            lines.append(f"| {name} | {metric} | {_fmt(before.get(metric, ''))} | {_fmt(value)} |")
+    t = report["training"]
+    lines += ["", "## Training", "",
+              f"- steps: {t['steps']}, final loss: {_fmt(t['final_loss'])}, tokens: {t['tokens']}, "
+              f"time: {t['seconds']} s",
+              f"- examples kept/truncated/dropped: {t['examples']['kept']}/"
+              f"{t['examples']['truncated']}/{t['examples']['dropped']}", "", "## Footprint", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in report["facts"].items()]
+    lines += ["", "![loss](loss.png)", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def loss_plot(history: list, path: Path, title: str = "") -> None:
+    """Training loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if points:
+        ax.plot(*zip(*points), marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,209 @@
+"""One training loop for every adapter: AdamW, schedules, accumulation, clipping, resume.
+
+    for step: for each micro-batch: loss = Σ token CE / tokens in the whole step
+              backward → (all-reduce grads across processes) → clip → optimizer → schedule
+              every N steps: log (metrics.jsonl, progress bar), evaluate, checkpoint
+
+Plugins act during training through one general hook: any plugin object of the run
+(quantizer, adapter parts, evaluators) that defines ``on_step_begin(step, model)`` is
+called before each optimizer step — QDyLoRA samples its rank there.
+"""
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from qpeft.core import checkpoint, distributed, memory
+from qpeft.core.errors import QpeftError
+from qpeft.core.loss import token_loss_sum
+from qpeft.core.optim import build_optimizer, build_schedule
+
+
+class TrainingError(QpeftError):
+    """Training cannot go on (a non-finite loss, say)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training settings; defaults follow the thesis (AdamW, constant LR)."""
+
+    steps: int = 100                 # optimizer steps (0: use epochs)
+    epochs: float = 1.0
+    batch_size: int = 8              # global examples per optimizer step
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
+    seed: int = 42
+    log_every: int = 5
+    eval_every: int = 0
+    save_every: int = 50
+    gradient_checkpointing: bool = False
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    tokens: int
+    history: list
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that require grad, over ``batches``.
+
+    ``batches`` provides ``num_batches(micro_batch)`` and ``batch(epoch, index, micro_batch,
+    shard)`` → dict of tensors; its order for an epoch depends only on (seed, epoch), which
+    makes the data position resumable.
+    """
+
+    def __init__(self, model, batches, config: TrainConfig, run_dir: Path, device="cpu",
+                 hooks=(), evaluate=None):
+        self.model, self.batches, self.cfg = model, batches, config
+        self.run_dir, self.device = Path(run_dir), torch.device(device)
+        self.hooks = [h for h in hooks if hasattr(h, "on_step_begin")]
+        self.evaluate = evaluate
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError("the model has no trainable parameters; attach an adapter first")
+        self.dist = distributed.current()
+        if config.batch_size % (config.grad_accum * self.dist.world) != 0:
+            raise TrainingError(f"--batch-size {config.batch_size} must be divisible by --grad-accum "
+                                f"× processes = {config.grad_accum * self.dist.world}")
+        self.micro = config.batch_size // config.grad_accum
+        self.optimizer = build_optimizer(self.params, config, self.device)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_schedule(self.optimizer, config, self.total_steps)
+        self.step, self.epoch, self.index = 0, 0, 0
+        self.history: list = []
+
+    def _total_steps(self) -> int:
+        if self.cfg.steps > 0:
+            return self.cfg.steps
+        per_epoch = self.batches.num_batches(self.micro) // self.cfg.grad_accum
+        return max(1, math.ceil(per_epoch * self.cfg.epochs))
+
+    # -- the loop ------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+        if resume:
+            self._restore()
+        if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        memory.reset_peak(self.device)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not self.cfg.progress or not self.dist.is_main)
+        started, tokens, loss = time.perf_counter(), 0, float("nan")
+        while self.step < self.total_steps:
+            for hook in self.hooks:
+                hook.on_step_begin(self.step, self.model)
+            loss, n = self._optimizer_step()
+            self.step += 1
+            tokens += n
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                rate = tokens / max(time.perf_counter() - started, 1e-9)
+                record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                          "tokens_per_s": rate, "memory_mb": memory.current_mb(self.device)}
+                self._log(record, bar)
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.evaluate:
+                self._log({"step": self.step, **self.evaluate(self.model)}, None)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.model.eval()
+        if self.cfg.save_every and (self.run_dir / "checkpoints" / f"step-{self.step:06d}").exists() is False:
+            self.save_checkpoint()
+        return TrainResult(self.step, loss, time.perf_counter() - started, tokens, self.history)
+
+    def _optimizer_step(self) -> tuple[float, int]:
+        micro_batches = [self._next_batch() for _ in range(self.cfg.grad_accum)]
+        local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        total = self.dist.sum_int(local)
+        seen = self.dist.sum_int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                     else b["input_ids"].numel() for b in micro_batches))
+        if total == 0:
+            raise TrainingError(f"step {self.step + 1} has no supervised tokens; check --max-length "
+                                "and that responses are not truncated away")
+        loss_sum = 0.0
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with memory.autocast(self.device):
+                s, _ = token_loss_sum(self.model, **batch)
+            (s / total * self.dist.world).backward()   # world × mean: all-reduce averages
+            loss_sum += s.item()
+        loss = self.dist.sum_float(loss_sum) / total
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at step {self.step + 1}; "
+                                "lower --lr or check the data")
+        self.dist.average_grads(self.params)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, seen
+
+    def _next_batch(self) -> dict:
+        if self.index >= self.batches.num_batches(self.micro):
+            self.epoch, self.index = self.epoch + 1, 0
+        batch = self.batches.batch(self.epoch, self.index, self.micro, self.dist.rank, self.dist.world)
+        self.index += 1
+        return batch
+
+    def _log(self, record: dict, bar) -> None:
+        self.history.append(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_mb']:.0f}MB")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def trainable_state(self) -> dict:
+        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        state = {"weights": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "position": {"step": self.step, "epoch": self.epoch, "index": self.index},
+                 "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                         "python_pos": random.getstate()[2]},
+                 "history": self.history}
+        return checkpoint.save(self.run_dir / "checkpoints" / f"step-{self.step:06d}", state)
+
+    def _restore(self) -> None:
+        newest = checkpoint.latest(self.run_dir / "checkpoints")
+        if newest is None:
+            raise TrainingError(f"no complete checkpoint under {self.run_dir}/checkpoints; "
+                                "start again without --resume")
+        state = checkpoint.load(newest)
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                named[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        pos = state["position"]
+        self.step, self.epoch, self.index = pos["step"], pos["epoch"], pos["index"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate((3, tuple(state["rng"]["python"]), state["rng"]["python_pos"]))
+        self.history = list(state["history"])

@@ -1,0 +1,49 @@
+"""``accuracy``: exact-match accuracy of greedy answers on a split with checkable answers.
+
+Each test example carries a short ``answer``; the model's greedy continuation of the
+rendered prompt is correct when its first line equals the answer (case, surrounding
+spaces and a final '.' ignored). Reported overall and per task.
+"""
+import dataclasses
+from collections import defaultdict
+
+from qpeft import hookimpl
+from qpeft.core.data import exact_match
+from qpeft.core.evaluator import Evaluator
+from qpeft.core.generation import generate
+from qpeft.core.options import option
+
+
+@dataclasses.dataclass
+class AccuracyOptions:
+    max_new_tokens: int = option(16, "tokens generated per answer")
+    batch_size: int = option(16, "prompts generated at once")
+
+
+class Accuracy(Evaluator):
+    name = "accuracy"
+    description = "Exact-match accuracy of greedy answers on the held-out test split"
+    Options = AccuracyOptions
+    higher_is_better = {"accuracy": True}
+
+    def evaluate(self, ctx):
+        cases = [e for e in ctx.test if e.answer is not None]
+        if not cases:
+            return {}
+        prompts = [ctx.prompt_ids(e) for e in cases]
+        outputs = generate(ctx.model, ctx.tokenizer, prompts, self.options.max_new_tokens,
+                           self.options.batch_size, ctx.device)
+        by_task = defaultdict(lambda: [0, 0])
+        for example, text in zip(cases, outputs):
+            hit = exact_match(text, example.answer)
+            by_task[example.task or "all"][0] += hit
+            by_task[example.task or "all"][1] += 1
+        right = sum(v[0] for v in by_task.values())
+        out = {"accuracy": round(right / len(cases), 4), "accuracy_n": len(cases)}
+        out.update({f"accuracy/{task}": round(r / n, 4) for task, (r, n) in sorted(by_task.items())})
+        return out
+
+
+@hookimpl
+def register_evaluators(register):
+    register(Accuracy)

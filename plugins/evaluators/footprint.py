@@ -1,0 +1,49 @@
+"""``footprint``: what a combination costs — sizes, trainable parameters, memory, time.
+
+The thesis' cost columns: trainable parameters (count and % of the base), adapter
+memory overhead, quantized model size, peak memory (GPU reserved/allocated on CUDA,
+process RSS on CPU), training runtime and throughput.
+"""
+from qpeft import hookimpl
+from qpeft.core.evaluator import Evaluator
+from qpeft.core.quantizer import model_bytes, quantized_layers
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """``(trainable, base)``: adapter parameters and base-model weights (quantized ones
+    counted as the in×out weights they stand for, tied tensors once)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantized = quantized_layers(model)
+    inside = {id(p) for q in quantized.values() for p in q.parameters()}
+    seen, base = set(), 0
+    for p in model.parameters():
+        if not p.requires_grad and id(p) not in inside and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            base += p.numel()
+    base += sum(q.in_features * q.out_features for q in quantized.values())
+    return trainable, base
+
+
+class Footprint(Evaluator):
+    name = "footprint"
+    description = "Model size, trainable parameters (count, %), adapter size, peak memory, runtime"
+    higher_is_better = {"tokens_per_s": True}
+
+    def evaluate(self, ctx):
+        trainable, base = parameter_counts(ctx.model)
+        trainable_bytes = sum(p.numel() * p.element_size() for p in ctx.model.parameters() if p.requires_grad)
+        out = {"model_mb": round((model_bytes(ctx.model) - trainable_bytes) / 2**20, 2),
+               "trainable_params": trainable,
+               "trainable_pct": round(100 * trainable / max(base, 1), 4),
+               "adapter_mb": round(trainable_bytes / 2**20, 3)}
+        out.update({k: v for k, v in ctx.facts.items() if k in FACTS})
+        return out
+
+
+FACTS = ("peak_rss_mb", "peak_gpu_reserved_mb", "peak_gpu_allocated_mb", "train_seconds",
+         "tokens_per_s", "quantize_seconds", "adapter_disk_mb")
+
+
+@hookimpl
+def register_evaluators(register):
+    register(Footprint)

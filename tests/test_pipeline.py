@@ -1,0 +1,69 @@
+"""``qpeft run`` end to end: on a saved tiny model in seconds, on the embedded model briefly."""
+import json
+
+import pytest
+
+from qpeft.core import config, pipeline
+from qpeft.core.errors import QpeftError
+
+REPORT_FIELDS = {"run", "quantizer", "adapter", "model", "qpeft_version", "before", "after", "facts", "training"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from qpeft.core.testing import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def settings(tmp_path, **kw):
+    base = {"model": None, "quant": "none:compute_dtype=float32", "adapter": "lora:r=4",
+            "evaluators": "perplexity,accuracy,footprint", "eval_limit": 8, "steps": 6,
+            "batch_size": 4, "lr": 1e-2, "log_every": 1, "save_every": 3, "output_dir": str(tmp_path),
+            "progress": False}
+    return config.build(None, {**base, **kw})
+
+
+def test_pipeline_on_the_tiny_model_writes_every_file(tiny_dir, tmp_path):
+    cfg = settings(tmp_path, model=tiny_dir, name="tiny")
+    report = pipeline.run(cfg, say=lambda _: None)
+    run = tmp_path / "tiny"
+    for name in ("config.json", "metrics.jsonl", "report.json", "report.md", "loss.png",
+                 "eval_before.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "checkpoints/step-000003/COMPLETE", "checkpoints/step-000006/COMPLETE"):
+        assert (run / name).is_file(), name
+    assert REPORT_FIELDS <= set(report)
+    assert json.loads((run / "report.json").read_text())["training"]["steps"] == 6
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["quantizer"] == {"name": "none", "origin": "qpeft", "version": resolved["qpeft_version"],
+                                     "options": {"compute_dtype": "float32", "include_lm_head": False}}
+    assert resolved["adapter"]["parts"][0]["options"]["r"] == 4
+    assert report["after"]["perplexity"]["perplexity"] < report["before"]["perplexity"]["perplexity"]
+    assert report["after"]["footprint"]["trainable_params"] > 0
+    assert "| perplexity | perplexity |" in (run / "report.md").read_text()
+
+
+def test_an_existing_run_directory_is_refused(tiny_dir, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(QpeftError, match="exists; pass --resume to continue it, --overwrite"):
+        pipeline.run(settings(tmp_path, model=tiny_dir, name="taken"), say=lambda _: None)
+
+
+def test_names_are_checked_before_the_model_is_loaded(tmp_path):
+    with pytest.raises(QpeftError, match="unknown adapter 'doraa'; did you mean 'dora'"):
+        pipeline.plan(settings(tmp_path, adapter="doraa", model="/nonexistent"))
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_embedded_model_for_a_few_steps(tmp_path):
+    cfg = settings(tmp_path, quant="nf4", adapter="lora", steps=6, lr=1e-3, eval_limit=12,
+                   evaluators="perplexity,footprint", name="embedded")
+    report = pipeline.run(cfg, say=lambda _: None)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "embedded" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    assert report["after"]["perplexity"]["perplexity"] < report["before"]["perplexity"]["perplexity"]
+    assert report["facts"]["model_mb_before"] > 500 > report["after"]["footprint"]["model_mb"]
