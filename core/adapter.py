@@ -25,6 +25,7 @@ class Adapter(Plugin):
     role: ClassVar[Literal["method", "modifier"]] = "method"
     slots: ClassVar[frozenset] = frozenset()  # method: the pieces modifiers may replace
     modifies: ClassVar[str] = ""              # modifier: the slot it fills
+    needs_source_weights: ClassVar[bool] = False  # wants each quantized layer's original W
 
     @classmethod
     def listing_extras(cls) -> dict:
@@ -51,6 +52,12 @@ class Composition:
     def parts(self) -> list[Adapter]:
         return [self.method, *self.modifiers]
 
+    @property
+    def needs_source_weights(self) -> bool:
+        """True when a part (LoftQ, say) must see the full-precision W of each layer: the
+        quantizer then keeps it as ``layer.source_weight`` (on CPU) until attach."""
+        return any(part.needs_source_weights for part in self.parts)
+
     def attach(self, model) -> None:
         self.method.attach(model, self.modifiers)
 
@@ -76,7 +83,7 @@ def compose(spec: str, registry) -> Composition:
         if cls.modifies not in method_cls.slots:
             fits = [n for n in registry.names("adapter")
                     if cls.modifies in registry.get("adapter", n).slots]
-            raise OptionsError(f"'{cls.name}' sets the {cls.modifies} of an adapter, which "
+            raise OptionsError(f"'{cls.name}' replaces the '{cls.modifies}' step of an adapter, which "
                                f"'{method_cls.name}' does not have; use it with: {', '.join(fits) or 'none'}")
         if cls.modifies in filled:
             raise OptionsError(f"'{filled[cls.modifies]}' and '{cls.name}' both set the "

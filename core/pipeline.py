@@ -122,7 +122,8 @@ def run(cfg: RunConfig, say=print) -> dict:
     model, tokenizer = models.load_model(cfg.model)
     size_before = model_bytes(model)
     started = time.perf_counter()
-    p.quantizer.quantize_model(model, device=device, progress=world.is_main)
+    p.quantizer.quantize_model(model, device=device, progress=world.is_main,
+                               keep_source=p.adapter.needs_source_weights)
     facts = {"model_mb_before": round(size_before / 2**20, 2),
              "quantize_seconds": round(time.perf_counter() - started, 2)}
 

@@ -101,11 +101,13 @@ class Quantizer(Plugin):
         return out
 
     def quantize_model(self, model: nn.Module, device: str | torch.device = "cpu",
-                       measure: bool = False, progress: bool = False) -> list[LayerStats]:
+                       measure: bool = False, progress: bool = False,
+                       keep_source: bool = False) -> list[LayerStats]:
         """Replace the target layers in place, one at a time on ``device``; cast the rest.
 
         With ``measure``, each layer's relative reconstruction error is computed before its
-        full-precision weight is freed.
+        full-precision weight is freed. With ``keep_source``, that weight is kept on CPU as
+        ``layer.source_weight`` for an adapter that needs it (LoftQ), which drops it.
         """
         from tqdm.auto import tqdm
 
@@ -122,6 +124,8 @@ class Quantizer(Plugin):
                        / torch.linalg.norm(w.float())).item()
             stats.append(LayerStats(name, w.numel(), w.numel() * w.element_size()
                                     + _bias_bytes(linear), layer.storage_bytes(), err))
+            if keep_source:
+                layer.source_weight = w.to("cpu", copy=True)
             setattr(parent, attr, layer)
             del linear, w
         for module in model.modules():

@@ -1,0 +1,84 @@
+"""LoftQ — Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models"
+(arXiv:2310.08659).
+
+A modifier of the ``"init"`` slot: choose the quantized base Q and the initial B, A
+together so that Q + s·B·A is close to the full-precision W, instead of starting from
+quant(W) and B = 0 (§2.2, Algorithm 1). Alternating T times::
+
+    Q_t      = quant(W − s·B_{t−1}·A_{t−1})                      (Eq. 6; B_0·A_0 = 0)
+    U·S·Vᵀ   = SVD((W − dequant(Q_t)) / s),  rank r              (Eq. 7)
+    B_t      = U_r·√S_r      A_t = √S_r·V_rᵀ
+
+It uses only the quantizer's ``set_weight``/``dequantize``, so it works for any
+quantizer and on CPU.
+
+The full-precision W: the quantizer has already replaced it by Ŵ = dequant(quant(W)).
+LoftQ reads ``layer.base.source_weight`` when the pipeline kept the original weight
+there (see docs/adapters.md); without it it starts from Ŵ, which an idempotent quantizer
+(NF4, HQQ) reproduces exactly — the residual is then 0 and LoftQ refuses, since B = A = 0
+could not train.
+
+    lora+loftq      dora:r=16+loftq:iters=5
+"""
+import dataclasses
+
+import torch
+
+from qpeft import hookimpl
+from qpeft.core.adapter import Adapter
+from qpeft.core.errors import QpeftError
+from qpeft.core.options import option
+
+
+@dataclasses.dataclass
+class LoftQOptions:
+    iters: int = option(1, "alternating steps T of Algorithm 1 (PEFT's loftq_iter defaults to 1)")
+
+    def __post_init__(self):
+        if self.iters < 1:
+            raise ValueError(f"iters must be at least 1, got {self.iters}")
+
+
+class LoftQ(Adapter):
+    name = "loftq"
+    description = "LoftQ: choose quantized W and initial B, A jointly so Q + s·B·A ≈ W (Li et al. 2023)"
+    role = "modifier"
+    modifies = "init"
+    needs_source_weights = True
+    Options = LoftQOptions
+
+    @torch.no_grad()
+    def initialize(self, layer, scaling: float) -> None:
+        """Algorithm 1 of Li et al. 2023 for one layer; leaves Q in ``layer.base``."""
+        weight = source_weight(layer)
+        r = layer.lora_A.shape[0]
+        b = torch.zeros_like(layer.lora_B, dtype=torch.float32)
+        a = torch.zeros_like(layer.lora_A, dtype=torch.float32)
+        for _ in range(self.options.iters):
+            layer.set_base_weight(weight - scaling * (b @ a))                          # Eq. 6
+            b, a = low_rank((weight - layer.base.dequantize().to(weight.device)) / scaling, r)  # Eq. 7
+        if not b.abs().sum() > 0:
+            raise QpeftError("loftq found nothing to correct: the quantized weight equals the one it "
+                             "started from; run it before quantization drops the full-precision "
+                             "weights (keep them as source_weight), or use a lossy quantizer")
+        layer.lora_B.copy_(b)
+        layer.lora_A.copy_(a)
+
+
+def source_weight(layer) -> torch.Tensor:
+    """The full-precision W (``base.source_weight``) if kept, else the dequantized Ŵ (float32)."""
+    kept = getattr(layer.base, "source_weight", None)
+    weight = kept if kept is not None else layer.base.dequantize()
+    return weight.detach().float().to(layer.lora_A.device)
+
+
+def low_rank(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with B·A the best rank-r approximation of ``residual``, √S on both sides."""
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]
+
+
+@hookimpl
+def register_adapters(register):
+    register(LoftQ)

@@ -1,0 +1,51 @@
+"""OLoRA — Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models"
+(arXiv:2406.01775).
+
+A modifier of the ``"init"`` slot: start A and B from the QR decomposition of the frozen
+weight instead of (Kaiming, zero), and move that part out of the base so the adapted
+model still starts equal to the original one (§3, Eqs. 2–4)::
+
+    W = Q·R                      Q (out×k) orthonormal columns, R (k×in) upper triangular
+    B = Q[:, :r]   A = R[:r]     (the same split as PEFT's ``init_lora_weights="olora"``)
+    base ← quant(W − s·B·A)      re-quantized through the quantizer's set_weight
+
+    lora+olora      dora:r=8+olora      lora+olora+rslora
+
+Saving: the adapter is stored relative to the rewritten base, and ``adapter_config.json``
+says ``init_lora_weights: "olora"``, so ``PeftModel.from_pretrained`` on the original
+full-precision model re-runs the same decomposition and reproduces the adapted model.
+"""
+import torch
+
+from qpeft import hookimpl
+from qpeft.core.adapter import Adapter
+from qpeft.core.errors import OptionsError
+
+
+class OLoRA(Adapter):
+    name = "olora"
+    description = "OLoRA: initialise B, A from the QR decomposition of W; base ← W − s·B·A (Büyükakyüz 2024)"
+    role = "modifier"
+    modifies = "init"
+
+    @torch.no_grad()
+    def initialize(self, layer, scaling: float) -> None:
+        """B = Q[:, :r], A = R[:r] with W = Q·R; the base keeps W − s·B·A (§3)."""
+        weight = layer.base.dequantize().to(layer.lora_A.device)
+        r = layer.lora_A.shape[0]
+        if r > min(weight.shape):
+            raise OptionsError(f"olora needs r ≤ {min(weight.shape)} for a {weight.shape[0]}×{weight.shape[1]} "
+                               f"layer; lower r")
+        q, rr = torch.linalg.qr(weight)
+        layer.lora_B.copy_(q[:, :r])
+        layer.lora_A.copy_(rr[:r])
+        layer.set_base_weight(weight - scaling * (q[:, :r] @ rr[:r]))
+
+    def peft_config(self, config: dict) -> None:
+        """PEFT re-runs the same decomposition on load when told so."""
+        config["init_lora_weights"] = "olora"
+
+
+@hookimpl
+def register_adapters(register):
+    register(OLoRA)

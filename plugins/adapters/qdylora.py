@@ -1,0 +1,129 @@
+"""QDyLoRA — Rajabzadeh et al. 2024, "QDyLoRA: Quantized Dynamic Low-Rank Adaptation for
+Efficient Large Language Model Tuning" (arXiv:2402.10462), after DyLoRA (Valipour et al. 2023,
+arXiv:2210.07558).
+
+One adapter trained for every rank at once: each step samples b ~ U{r_min … r_max} and
+uses only the first b rows of A and columns of B, scaled for rank b (DyLoRA §3, Eq. 5;
+QDyLoRA §3 does this over a 4-bit base)::
+
+    h = base(x) + s(b)·B[:, :b]·A[:b]·dropout(x)       s(b) = α/b, or the scaling modifier's rule
+
+At evaluation (``model.eval()``) and export the rank is ``eval_rank`` (default r_max), so
+one training run yields adapters of any rank ≤ r_max; a saved adapter is a plain LoRA of
+rank ``eval_rank``.
+
+Rank sampling uses the training hook ``on_step_begin(step, model)``, which the trainer
+calls on every plugin of a run that defines it (docs/adapters.md).
+"""
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+
+from qpeft import hookimpl
+from qpeft.core.options import option
+from qpeft.plugins.adapters.lora import ALL_LINEAR, LoRA, LoRALinear, adapter_layers
+
+
+class QDyLoRALinear(LoRALinear):
+    """A LoRA layer that runs at the first ``b`` of its ``r_max`` ranks (DyLoRA §3)."""
+
+    def __init__(self, base, r: int, scaling: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32, scales: list[float] | None = None):
+        super().__init__(base, r, scaling, dropout, dtype)
+        self.scales = scales or [scaling * r / b for b in range(1, r + 1)]  # s(b), b = 1…r
+        self.train_rank = self.eval_rank = r
+
+    @property
+    def rank(self) -> int:
+        """The rank in use: the sampled one in training, ``eval_rank`` otherwise."""
+        return self.train_rank if self.training else self.eval_rank
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.rank
+        x = x.to(self.lora_A.dtype)
+        return ((x @ self.lora_A[:b].t()) * self.scales[b - 1]) @ self.lora_B[:, :b].t()
+
+    def delta_weight(self) -> torch.Tensor:
+        b = self.eval_rank
+        return self.lora_B[:, :b].detach().float() @ self.lora_A[:b].detach().float() * self.scales[b - 1]
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """A plain LoRA of rank ``eval_rank`` (views into the full tensors)."""
+        b = self.eval_rank
+        return {"lora_A.weight": self.lora_A[:b], "lora_B.weight": self.lora_B[:, :b]}
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.eval_rank = tensors["lora_A.weight"].shape[0]
+        super().load_adapter_tensors(tensors)
+
+    def extra_repr(self) -> str:
+        return f"r_max={self.r}, eval_rank={self.eval_rank}"
+
+
+@dataclasses.dataclass
+class QDyLoRAOptions:
+    r_max: int = option(16, "largest rank trained (DyLoRA §3)")
+    r_min: int = option(1, "smallest rank sampled in training")
+    eval_rank: int = option(0, "rank used for evaluation and export; 0: r_max")
+    alpha: float = option(32.0, "α: the update at rank b is scaled by α/b, or as the scaling modifier says")
+    dropout: float = option(0.05, "dropout on the input of the low-rank path")
+    targets: list[str] = option([ALL_LINEAR], "layer-name suffixes to adapt (q_proj,v_proj,…); "
+                                "all-linear: every quantized layer but the output projection")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the adapter weights")
+    seed: int = option(0, "seed of the per-step rank sampling")
+
+    def __post_init__(self):
+        if not 1 <= self.r_min <= self.r_max:
+            raise ValueError(f"need 1 ≤ r_min ≤ r_max, got r_min={self.r_min}, r_max={self.r_max}")
+        if not 0 <= self.eval_rank <= self.r_max:
+            raise ValueError(f"eval_rank must be in [0, r_max={self.r_max}], got {self.eval_rank}")
+        if self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.targets:
+            raise ValueError("alpha must be positive, dropout in [0, 1) and targets not empty")
+
+
+class QDyLoRA(LoRA):
+    name = "qdylora"
+    description = "QDyLoRA: train every rank up to r_max at once; pick the rank after training (Rajabzadeh et al. 2024)"
+    Options = QDyLoRAOptions
+    layer_cls = QDyLoRALinear
+
+    @property
+    def rank(self) -> int:
+        return self.options.r_max
+
+    @property
+    def eval_rank(self) -> int:
+        return self.options.eval_rank or self.options.r_max
+
+    def make_layer(self, base, modifiers) -> QDyLoRALinear:
+        scales = [self.scaling(modifiers, b) for b in range(1, self.rank + 1)]
+        layer = self.layer_cls(base, self.rank, scales[-1], self.options.dropout,
+                               getattr(torch, self.options.dtype), scales)
+        layer.eval_rank = self.eval_rank
+        return layer
+
+    def on_step_begin(self, step: int, model: nn.Module) -> None:
+        """Sample this step's rank b ~ U{r_min … r_max}, the same for every layer (DyLoRA §3)."""
+        gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + step)
+        b = int(torch.randint(self.options.r_min, self.options.r_max + 1, (1,), generator=gen))
+        set_rank(model, train=b)
+
+    def peft_config(self, model: nn.Module) -> dict:
+        """A plain LoRA config at the layers' evaluation rank (see :func:`set_rank`)."""
+        ranks = {layer.eval_rank for layer in adapter_layers(model).values()}
+        return {**super().peft_config(model), "r": max(ranks)}
+
+
+def set_rank(model: nn.Module, train: int | None = None, eval: int | None = None) -> None:
+    """Set the training and/or evaluation rank of every QDyLoRA layer of ``model``."""
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, QDyLoRALinear):
+            layer.train_rank = train if train is not None else layer.train_rank
+            layer.eval_rank = eval if eval is not None else layer.eval_rank
+
+
+@hookimpl
+def register_adapters(register):
+    register(QDyLoRA)
