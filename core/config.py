@@ -27,6 +27,7 @@ class RunConfig:
     train_on_prompt: bool = False
     skip_bad_lines: bool = False
     validation_split: float = 0.2
+    packing: bool = False
     quant: str = "nf4"
     adapter: str = "lora"
     evaluators: str = "perplexity,accuracy,footprint"

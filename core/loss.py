@@ -37,3 +37,16 @@ def token_loss_sum(model, input_ids, labels, chunk: int = 1024, **inputs):
         else:
             total = total + _chunk_loss(hs, head, ts)
     return total, int(t.numel())
+
+
+def mean_loss(model, items: list, pad_id: int, batch_size: int = 8, device="cpu") -> tuple[float, int]:
+    """``(token-weighted mean loss, tokens)`` of encoded items, without gradients."""
+    from qpeft.core.batching import collate
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = collate(items[start:start + batch_size], pad_id)
+            s, n = token_loss_sum(model, **{k: v.to(device) for k, v in batch.items()})
+            total, count = total + s.item(), count + n
+    return total / max(count, 1), count

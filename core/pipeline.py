@@ -18,6 +18,8 @@ from qpeft.core import data as datasets
 from qpeft.core import distributed, memory, models, registry, report, templates
 from qpeft.core.adapter import compose
 from qpeft.core.batch_source import EncodedBatches
+from qpeft.core.batching import pack
+from qpeft.core.loss import mean_loss
 from qpeft.core.config import RunConfig
 from qpeft.core.errors import QpeftError
 from qpeft.core.evaluator import EvalContext
@@ -130,8 +132,9 @@ def run(cfg: RunConfig, say=print) -> dict:
     template = cfg.template if cfg.template != "auto" else None
     encode = partial(templates.encode, tokenizer=tokenizer, template=template,
                      max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
+    encode_one = lambda e: encode(e)[0]  # noqa: E731  (None when the example does not fit)
     ctx = partial(EvalContext, model=model, tokenizer=tokenizer, device=device,
-                  validation=p.validation, test=p.test, encode=lambda e: encode(e)[0],
+                  validation=p.validation, test=p.test, encode=encode_one,
                   prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=template))
 
     before_file = run_dir / "eval_before.json"
@@ -144,8 +147,16 @@ def run(cfg: RunConfig, say=print) -> dict:
 
     p.adapter.attach(model)
     items, stats = templates.encode_all(p.train, tokenizer, template, cfg.max_length, cfg.train_on_prompt)
+    if cfg.packing:
+        items = pack(items, cfg.max_length, cfg.train.seed)
     batches = EncodedBatches(items, tokenizer.pad_token_id, cfg.train.seed)
-    trainer = Trainer(model, batches, cfg.train, run_dir, device,
+    val_items = [i for i in map(encode_one, p.validation) if i is not None]
+
+    def validation_loss(m) -> dict:
+        loss, _ = mean_loss(m, val_items, tokenizer.pad_token_id, device=device)
+        return {"eval_loss": loss}
+
+    trainer = Trainer(model, batches, cfg.train, run_dir, device, evaluate=validation_loss,
                       hooks=[p.quantizer, *p.adapter.parts, *p.evaluators])
     result = trainer.train(resume=cfg.resume)
     facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),

@@ -69,12 +69,14 @@ def loss_plot(history: list, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(r["step"], r["loss"]) for r in history if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    if points:
-        ax.plot(*zip(*points), marker=".")
+    for key, label in (("loss", "training"), ("eval_loss", "validation")):
+        points = [(r["step"], r[key]) for r in history if key in r]
+        if points:
+            ax.plot(*zip(*points), marker=".", label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
+    ax.legend()
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

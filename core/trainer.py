@@ -121,7 +121,9 @@ class Trainer:
                           "tokens_per_s": rate, "memory_mb": memory.current_mb(self.device)}
                 self._log(record, bar)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.evaluate:
+                self.model.eval()
                 self._log({"step": self.step, **self.evaluate(self.model)}, None)
+                self.model.train()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save_checkpoint()
         bar.close()
@@ -207,3 +209,6 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), state["rng"]["python_pos"]))
         self.history = list(state["history"])
+        if self.dist.is_main:  # drop lines logged after that checkpoint by the killed run
+            lines = "".join(json.dumps(r) + "\n" for r in self.history)
+            (self.run_dir / "metrics.jsonl").write_text(lines)

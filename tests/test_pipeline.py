@@ -29,7 +29,7 @@ def settings(tmp_path, **kw):
 
 
 def test_pipeline_on_the_tiny_model_writes_every_file(tiny_dir, tmp_path):
-    cfg = settings(tmp_path, model=tiny_dir, name="tiny")
+    cfg = settings(tmp_path, model=tiny_dir, name="tiny", eval_every=3)
     report = pipeline.run(cfg, say=lambda _: None)
     run = tmp_path / "tiny"
     for name in ("config.json", "metrics.jsonl", "report.json", "report.md", "loss.png",
@@ -45,6 +45,27 @@ def test_pipeline_on_the_tiny_model_writes_every_file(tiny_dir, tmp_path):
     assert report["after"]["perplexity"]["perplexity"] < report["before"]["perplexity"]["perplexity"]
     assert report["after"]["footprint"]["trainable_params"] > 0
     assert "| perplexity | perplexity |" in (run / "report.md").read_text()
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+
+
+def test_cli_resume_continues_a_run_from_its_checkpoint(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from qpeft.core.cli.main import cli
+
+    common = ["--model", tiny_dir, "--quant", "none:compute_dtype=float32", "--adapter", "lora:r=4",
+              "--evaluators", "perplexity", "--eval-limit", "4", "--batch-size", "4",
+              "--log-every", "1", "--save-every", "2", "--output-dir", str(tmp_path), "--name", "r"]
+    first = CliRunner().invoke(cli, ["run", *common, "--steps", "4"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(cli, ["run", *common, "--steps", "4"])
+    assert again.exit_code == 2 and "exists; pass --resume" in again.output
+    resumed = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path / "r"), "--steps", "6"])
+    assert resumed.exit_code == 0, resumed.output
+    steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["training"]["steps"] == 6
 
 
 def test_an_existing_run_directory_is_refused(tiny_dir, tmp_path):

@@ -36,6 +36,7 @@ FLAGS = [("--resume", "continue RUN_DIR from its newest complete checkpoint"),
          ("--overwrite", "replace an existing run directory"),
          ("--skip-bad-lines", "skip malformed data lines instead of refusing them"),
          ("--train-on-prompt", "take the loss on prompt tokens too"),
+         ("--packing", "pack short examples into --max-length sequences"),
          ("--gradient-checkpointing", "recompute activations in backward to save memory")]
 
 
