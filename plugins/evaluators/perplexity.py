@@ -6,12 +6,9 @@ response tokens only unless the run trains on prompts — the same tokens the lo
 import dataclasses
 import math
 
-import torch
-
 from qpeft import hookimpl
-from qpeft.core.batching import collate
 from qpeft.core.evaluator import Evaluator
-from qpeft.core.loss import token_loss_sum
+from qpeft.core.loss import mean_loss
 from qpeft.core.options import option
 
 
@@ -31,15 +28,8 @@ class Perplexity(Evaluator):
         items = [i for i in items if i is not None]
         if not items:
             return {}
-        total, count = 0.0, 0
-        pad = ctx.tokenizer.pad_token_id
-        with torch.no_grad():
-            for start in range(0, len(items), self.options.batch_size):
-                batch = collate(items[start:start + self.options.batch_size], pad)
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                s, n = token_loss_sum(ctx.model, **batch)
-                total, count = total + s.item(), count + n
-        loss = total / max(count, 1)
+        loss, count = mean_loss(ctx.model, items, ctx.tokenizer.pad_token_id,
+                                self.options.batch_size, ctx.device)
         return {"eval_loss": round(loss, 5), "perplexity": round(math.exp(loss), 4),
                 "eval_tokens": count}
 
