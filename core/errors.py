@@ -35,7 +35,6 @@ def unknown(what: str, word: str, choices, hint: str = "", lead: str = "") -> st
     choices = sorted(choices)
     near = closest(word, choices)
     msg = lead or f"unknown {what} '{word}'"
-    if near:
-        msg += f"; did you mean '{near}'?"
+    msg += f"; did you mean '{near}'?" if near else "."
     msg += f" Available: {', '.join(choices) if choices else '(none)'}"
     return msg + (f". {hint}" if hint else "")

@@ -262,7 +262,7 @@ def test_loftq_lowers_the_reconstruction_error_over_any_quantizer(reference):
 
 def test_loftq_refuses_when_it_has_nothing_to_correct(reference):
     model = rounding_quantized(reference, keep_source=False)
-    with pytest.raises(QpeftError, match="loftq found nothing to correct"):
+    with pytest.raises(QpeftError, match="loftq has nothing to correct"):
         compose("lora:r=4+loftq", registry.default()).attach(model)
 
 

@@ -58,9 +58,9 @@ class LoftQ(Adapter):
             layer.set_base_weight(weight - scaling * (b @ a))                          # Eq. 6
             b, a = low_rank((weight - layer.base.dequantize().to(weight.device)) / scaling, r)  # Eq. 7
         if not b.abs().sum() > 0:
-            raise QpeftError("loftq found nothing to correct: the quantized weight equals the one it "
-                             "started from; run it before quantization drops the full-precision "
-                             "weights (keep them as source_weight), or use a lossy quantizer")
+            raise QpeftError("loftq has nothing to correct: the quantized weights equal the "
+                             "full-precision ones (as with --quant none); use loftq over a lossy "
+                             "quantizer such as nf4 or hqq, or drop '+loftq'")
         layer.lora_B.copy_(b)
         layer.lora_A.copy_(a)
 

@@ -16,7 +16,7 @@ from qpeft.core.options import option
 
 @dataclasses.dataclass
 class AccuracyOptions:
-    max_new_tokens: int = option(16, "tokens generated per answer")
+    max_new_tokens: int = option(8, "tokens generated per answer (bundled answers take at most 6 with eos)")
     batch_size: int = option(16, "prompts generated at once")
 
 
