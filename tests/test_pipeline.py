@@ -68,6 +68,16 @@ def test_cli_resume_continues_a_run_from_its_checkpoint(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "r" / "report.json").read_text())["training"]["steps"] == 6
 
 
+def test_qdylora_report_shows_quality_per_rank(tiny_dir, tmp_path):
+    cfg = settings(tmp_path, model=tiny_dir, name="dy", adapter="qdylora:r_max=8:r_min=2",
+                   evaluators="perplexity", steps=4)
+    after = pipeline.run(cfg, say=lambda _: None)["after"]
+    ranks = [key for key in after if key.startswith("perplexity [rank=")]
+    assert ranks == ["perplexity [rank=2]", "perplexity [rank=4]", "perplexity [rank=8]"]
+    assert after["perplexity [rank=8]"]["perplexity"] == after["perplexity"]["perplexity"]
+    assert after["perplexity [rank=2]"]["perplexity"] != after["perplexity"]["perplexity"]
+
+
 def test_an_existing_run_directory_is_refused(tiny_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(QpeftError, match="exists; pass --resume to continue it, --overwrite"):

@@ -40,11 +40,13 @@ def list_command(kind: str | None, as_json: bool) -> None:
         click.secho(f"{k}s", bold=True)
         for rec in data[k]:
             click.echo(f"  {rec['name']:<14} {rec['description']}  [{rec['origin']} {rec['version']}]")
-            for extra in ("role", "modifies"):
+            for extra in ("role", "modifies", "slots"):
                 if rec.get(extra):
-                    click.echo(f"      {extra}: {rec[extra]}")
+                    value = ", ".join(rec[extra]) if isinstance(rec[extra], list) else rec[extra]
+                    click.echo(f"      {extra}: {value}")
             for opt in rec["options"]:
-                click.echo(f"      {opt['name']}={opt['default']!r:<10} {opt['help']}")
+                setting = f"{opt['name']}={opt['default']!r}"
+                click.echo(f"      {setting:<24} {opt['help']}")
         if not data[k]:
             click.echo("  (none)")
     if data["failures"]:

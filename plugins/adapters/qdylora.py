@@ -110,6 +110,13 @@ class QDyLoRA(LoRA):
         b = int(torch.randint(self.options.r_min, self.options.r_max + 1, (1,), generator=gen))
         set_rank(model, train=b)
 
+    def report_variants(self, model: nn.Module) -> dict:
+        """Ranks the run report evaluates after training (QDyLoRA §4 reports quality per
+        rank): r_min, r_max/4, r_max/2 and r_max, each as ``{"rank=b": set that rank}``."""
+        o = self.options
+        ranks = sorted({o.r_min, max(o.r_min, o.r_max // 4), max(o.r_min, o.r_max // 2), o.r_max})
+        return {f"rank={b}": (lambda b=b: set_rank(model, eval=b)) for b in ranks}
+
     def peft_config(self, model: nn.Module) -> dict:
         """A plain LoRA config at the layers' evaluation rank (see :func:`set_rank`)."""
         ranks = {layer.eval_rank for layer in adapter_layers(model).values()}
