@@ -41,6 +41,19 @@ class Adapter(Plugin):
         """Wrap the target layers of ``model`` in place; only adapter tensors stay trainable."""
         raise NotImplementedError(f"adapter '{self.name}' is a modifier; compose it onto a method")
 
+    def save(self, model, directory, meta: dict) -> None:
+        """Write the adapter of an attached ``model`` to ``directory`` (PEFT's format where
+        PEFT knows the method); ``meta`` holds the quantizer, base model and qpeft version."""
+        raise NotImplementedError
+
+    def load(self, model, directory) -> None:
+        """Load tensors written by :meth:`save` into ``model`` (attached by the same spec)."""
+        raise NotImplementedError
+
+    def merge(self, model, dtype=None):
+        """Fold the adapter into the dequantized base: a plain full-precision model."""
+        raise NotImplementedError
+
 
 class Composition:
     """One method and the modifiers filling its slots, as built from a spec."""
@@ -64,7 +77,12 @@ class Composition:
 
 def compose(spec: str, registry) -> Composition:
     """A :class:`Composition` from ``"dora+loftq:iters=3"``, or a one-line error."""
-    parts = specs.parse(spec)
+    return assemble(specs.parse(spec), registry, spec)
+
+
+def assemble(parts: list[tuple[str, dict]], registry, spec: str) -> Composition:
+    """A :class:`Composition` from ``(name, option values)`` pairs — parsed from a spec, or
+    recorded in a run's config.json — checked against each part's role and slots."""
     names = [name for name, _ in parts]
     if len(set(names)) != len(names):
         raise OptionsError(f"'{spec}' names an adapter twice")

@@ -30,7 +30,7 @@ class RunConfig:
     packing: bool = False
     quant: str = "nf4"
     adapter: str = "lora"
-    evaluators: str = "perplexity,accuracy,footprint"
+    evaluators: str = "perplexity,accuracy,prompts,footprint"
     eval_limit: int = 0                # 0: every example
     name: str | None = None
     output_dir: str = "runs"

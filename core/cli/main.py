@@ -8,6 +8,9 @@ import sys
 
 import click
 
+from qpeft.core.cli.compare_cmd import compare_command
+from qpeft.core.cli.export_cmd import export_command
+from qpeft.core.cli.eval_cmd import eval_command
 from qpeft.core.cli.list_cmd import list_command
 from qpeft.core.cli.run_cmd import run_command
 from qpeft.core.cli.quantize_cmd import quantize_command
@@ -54,13 +57,15 @@ def cli(debug: bool) -> None:
     Start with:  qpeft list            # every quantizer, adapter and evaluator
                  qpeft run             # the whole pipeline on the embedded defaults
     """
-    if debug:
-        os.environ["QPEFT_DEBUG"] = "1"
+    # --debug is read by QpeftGroup.main before parsing; nothing to do here.
 
 
 cli.add_command(list_command)
 cli.add_command(run_command)
 cli.add_command(quantize_command)
+cli.add_command(export_command)
+cli.add_command(eval_command)
+cli.add_command(compare_command)
 
 
 def main() -> None:

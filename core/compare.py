@@ -1,0 +1,284 @@
+"""Comparing quantizer × adapter combinations: run a grid, tabulate it, score it for the edge.
+
+    --quant none,nf4,hqq × --adapter lora,dora ─▶ one `qpeft run` PROCESS per cell
+        (a crash or OOM costs one cell; a cell whose report.json exists is skipped)
+    ─▶ rows from each run's report.json ─▶ edge score ─▶ comparison.{md,csv,json} + plots
+
+Edge score (docs/evaluators.md): a weighted geometric mean of four ratios to the best
+row of the grid, each in (0, 1] (1 = the best row in that respect)::
+
+    E = Q^wq · M^wm · D^wd · T^wt        wq + wm + wd + wt = 1 (default .4 .2 .2 .2)
+    Q = best perplexity / perplexity   (or accuracy / best accuracy, for higher-is-better)
+    M = least peak memory / peak memory
+    D = least disk / disk                disk = quantized model MB + adapter MB
+    T = least train seconds / train seconds
+
+Only finished rows within the memory budget are scored and taken as references; a row
+over the budget is flagged and gets no score.
+"""
+import csv
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from qpeft.core.errors import QpeftError
+
+QUALITY = {  # --edge-quality → (row column, higher is better, label)
+    "perplexity": ("ppl_after", False, "eval perplexity (after)"),
+    "accuracy": ("acc_after", True, "accuracy (after)"),
+    "mmlu": ("mmlu_after", True, "MMLU accuracy (after)"),
+    "prompts": ("prompts_pass_rate", True, "prompts pass rate"),
+}
+WEIGHTS = {"quality": 0.4, "memory": 0.2, "disk": 0.2, "time": 0.2}
+COLUMNS = {  # row key → heading (the thesis' columns)
+    "quant": "quantizer", "adapter": "adapter", "status": "status",
+    "trainable_params": "trainable params", "trainable_pct": "trainable %",
+    "adapter_mb": "adapter MB", "model_mb": "model MB",
+    "ppl_before": "ppl before", "ppl_after": "ppl after",
+    "acc_before": "accuracy before", "acc_after": "accuracy after",
+    "mmlu_before": "MMLU before", "mmlu_after": "MMLU after", "prompts_pass_rate": "prompts pass",
+    "peak_memory_mb": "peak memory MB", "memory_kind": "memory", "train_seconds": "train s",
+    "tokens_per_s": "tokens/s", "within_budget": "within budget", "edge_score": "edge score",
+    "error": "error",
+}
+
+
+@dataclasses.dataclass
+class Cell:
+    """One combination of the grid; ``name`` is its run directory's name."""
+
+    quant: str
+    adapter: str
+
+    @property
+    def name(self) -> str:
+        from qpeft.core.config import RunConfig
+
+        return RunConfig(quant=self.quant, adapter=self.adapter).run_name
+
+
+def grid(quants: list, adapters: list) -> list[Cell]:
+    """Every quantizer × adapter cell, quantizers outermost; refuses colliding names."""
+    cells = [Cell(q, a) for q in quants for a in adapters]
+    names = [c.name for c in cells]
+    if not cells:
+        raise QpeftError("the grid is empty; pass e.g. --quant none,nf4 --adapter lora,dora")
+    if len(set(names)) != len(names):
+        raise QpeftError(f"two cells share a run name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
+                         "remove the duplicate spec")
+    return cells
+
+
+def parse_memory(text: str | None) -> float | None:
+    """``"8GB"`` → MiB. GB/MB are decimal (10⁹, 10⁶ bytes), GiB/MiB binary; a bare number is MiB."""
+    if text in (None, ""):
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?)?\s*", str(text))
+    if not m:
+        raise QpeftError(f"cannot read memory budget '{text}'; write e.g. 8GB, 8GiB or 6000MB")
+    number, unit = float(m.group(1)), (m.group(2) or "MiB").upper().rstrip("B")
+    power = "KMGT".index(unit[0]) + 1
+    size = number * (1024 ** power if unit.endswith("I") else 1000 ** power)
+    return size / 2**20
+
+
+def precheck(cell: Cell) -> str | None:
+    """The one-line error a cell's specs would fail with, found without starting a process."""
+    from qpeft.core import registry
+    from qpeft.core.adapter import compose
+    from qpeft.core.pipeline import build_plugin
+
+    try:
+        reg = registry.default()
+        build_plugin("quantizer", cell.quant, reg)
+        compose(cell.adapter, reg)
+    except QpeftError as exc:
+        return f"Error: {exc}"
+    return None
+
+
+def run_cell(cell: Cell, output_dir: Path, flags: list, log_dir: Path) -> str | None:
+    """``qpeft run`` for one cell in its own process; None on success, else the last
+    stderr line. The whole stderr goes to ``log_dir/<cell>.log``."""
+    cmd = [sys.executable, "-m", "qpeft", "run", "--name", cell.name, "--output-dir", str(output_dir),
+           "--quant", cell.quant, "--adapter", cell.adapter, *flags]
+    if (output_dir / cell.name).exists():
+        cmd.append("--overwrite")   # an earlier attempt that left no report.json
+    last = ""
+    with open(log_dir / f"{cell.name}.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True, errors="replace")
+        for line in proc.stderr:
+            log.write(line)
+            shown = line.split("\r")[-1].strip()
+            last = shown or last
+        code = proc.wait()
+    return None if code == 0 else (last or f"exited with status {code}")
+
+
+def run_grid(cells: list, output_dir: Path, flags: list, say=print) -> dict:
+    """Run every cell not finished yet; ``{cell name: error or None}``."""
+    from tqdm import tqdm
+
+    log_dir = output_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    errors = {}
+    for cell in tqdm(cells, desc="grid", unit="cell", disable=None):
+        if (output_dir / cell.name / "report.json").is_file():
+            say(f"  {cell.name}: done before, skipped")
+            errors[cell.name] = None
+            continue
+        errors[cell.name] = precheck(cell) or run_cell(cell, output_dir, flags, log_dir)
+        say(f"  {cell.name}: {'ok' if errors[cell.name] is None else errors[cell.name]}")
+    return errors
+
+
+def _metric(section: dict, evaluator: str, key: str):
+    value = section.get(evaluator, {}).get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def row(cell: Cell, error: str | None, run_dir: Path) -> dict:
+    """One table row from a run's report.json (or the cell's error)."""
+    out = {key: None for key in COLUMNS}
+    out.update(quant=cell.quant, adapter=cell.adapter, status="ok" if error is None else "failed",
+               error=error or "")
+    report_file = run_dir / "report.json"
+    if error is not None or not report_file.is_file():
+        out["status"], out["error"] = "failed", error or "no report.json"
+        return out
+    report = json.loads(report_file.read_text())
+    before, after, facts = report["before"], report["after"], report["facts"]
+    out.update({k: _metric(after, "footprint", k) for k in ("trainable_params", "trainable_pct", "adapter_mb", "model_mb")})
+    out.update(ppl_before=_metric(before, "perplexity", "perplexity"), ppl_after=_metric(after, "perplexity", "perplexity"),
+               acc_before=_metric(before, "accuracy", "accuracy"), acc_after=_metric(after, "accuracy", "accuracy"),
+               mmlu_before=_metric(before, "mmlu", "accuracy"), mmlu_after=_metric(after, "mmlu", "accuracy"),
+               prompts_pass_rate=_metric(after, "prompts", "pass_rate"),
+               train_seconds=facts.get("train_seconds"), tokens_per_s=facts.get("tokens_per_s"))
+    gpu = facts.get("peak_gpu_reserved_mb")
+    out["peak_memory_mb"], out["memory_kind"] = (gpu, "gpu reserved") if gpu is not None else (facts.get("peak_rss_mb"), "rss")
+    return out
+
+
+def parse_weights(text: str | None) -> dict:
+    """``"quality=0.5,memory=0.5"`` → weights (missing ones 0), normalised to sum 1."""
+    if not text:
+        return dict(WEIGHTS)
+    out = {k: 0.0 for k in WEIGHTS}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        if key.strip() not in WEIGHTS:
+            raise QpeftError(f"unknown edge weight '{key.strip()}'; use {', '.join(WEIGHTS)}, "
+                             "e.g. --edge-weights quality=0.4,memory=0.2,disk=0.2,time=0.2")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise QpeftError(f"edge weight '{key.strip()}' must be a number, got '{value}'") from None
+    total = sum(out.values())
+    if total <= 0 or min(out.values()) < 0:
+        raise QpeftError("edge weights must be ≥ 0 with a positive sum, e.g. quality=1,memory=1")
+    return {k: v / total for k, v in out.items()}
+
+
+def edge_inputs(r: dict, quality_key: str) -> dict | None:
+    """The four raw quantities of a row, or None when one is missing."""
+    disk = None if r["model_mb"] is None or r["adapter_mb"] is None else r["model_mb"] + r["adapter_mb"]
+    values = {"quality": r[quality_key], "memory": r["peak_memory_mb"], "disk": disk, "time": r["train_seconds"]}
+    return None if any(v is None for v in values.values()) else values
+
+
+def edge_scores(rows: list, quality: str = "perplexity", weights: dict | None = None,
+                budget_mb: float | None = None) -> None:
+    """Set ``within_budget`` and ``edge_score`` on each row, in place (see the module doc)."""
+    key, higher, _ = QUALITY[quality]
+    weights = weights or dict(WEIGHTS)
+    for r in rows:
+        r["within_budget"] = None if budget_mb is None or r["peak_memory_mb"] is None else r["peak_memory_mb"] <= budget_mb
+    scored = [(r, v) for r in rows if r["status"] == "ok" and r["within_budget"] is not False
+              and (v := edge_inputs(r, key)) is not None]
+    if not scored:
+        return
+    best = {k: (max if k == "quality" and higher else min)(v[k] for _, v in scored) for k in WEIGHTS}
+    for r, v in scored:
+        ratios = {k: _ratio(v[k], best[k], higher if k == "quality" else False) for k in WEIGHTS}
+        if any(x <= 0 for k, x in ratios.items() if weights[k] > 0):
+            r["edge_score"] = 0.0
+        else:
+            r["edge_score"] = round(math.exp(sum(w * math.log(ratios[k]) for k, w in weights.items() if w > 0)), 4)
+
+
+def _ratio(value: float, best: float, higher: bool) -> float:
+    """value relative to the best row, in (0, 1]; 1 when every row ties at zero."""
+    if higher:
+        return 1.0 if best == 0 else value / best
+    return 1.0 if value == best else (best / value if value > 0 else 0.0)
+
+
+def write_tables(rows: list, out_dir: Path, meta: dict, plots: list) -> None:
+    """comparison.csv, comparison.json and comparison.md under ``out_dir``."""
+    with open(out_dir / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "comparison.json").write_text(json.dumps({**meta, "columns": COLUMNS, "rows": rows}, indent=2))
+    (out_dir / "comparison.md").write_text(markdown(rows, meta, plots))
+
+
+def markdown(rows: list, meta: dict, plots: list) -> str:
+    """The comparison for people: the table, the edge-score definition, the plots, failures."""
+    shown = [k for k in COLUMNS if k not in ("error", "memory_kind")
+             and (k != "within_budget" or meta.get("memory_budget_mb") is not None)
+             and any(r[k] is not None for r in rows)]
+    lines = ["# qpeft comparison", "", f"Model: {meta['model']} · grid: {len(rows)} combinations", "",
+             "| " + " | ".join(COLUMNS[k] for k in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(r[k]) for k in shown) + " |" for r in rows]
+    w = meta["edge_weights"]
+    lines += ["", f"Peak memory is GPU reserved where a GPU was used, else process RSS "
+              f"({', '.join(sorted({r['memory_kind'] for r in rows if r['memory_kind']})) or 'none'}).",
+              "", "**Edge score** = Q^{quality:.2f} · M^{memory:.2f} · D^{disk:.2f} · T^{time:.2f}: ".format(**w)
+              + f"Q = quality ({QUALITY[meta['edge_quality']][2]}) relative to the best row, M, D, T = "
+              "least peak memory, disk (model MB + adapter MB) and train seconds over this row's; "
+              "1 = best in every respect. Scores compare rows of this grid only."]
+    if meta.get("memory_budget_mb") is not None:
+        lines.append(f"Memory budget: {meta['memory_budget_mb']:.0f} MiB; rows over it get no edge score.")
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["", "## Failed combinations", ""]
+        lines += [f"- {r['quant']} × {r['adapter']}: {r['error'].replace('|', '¦')}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "¦")
+
+
+def compare(quants: list, adapters: list, output_dir, flags: list, budget: str | None = None,
+            quality: str = "perplexity", weights: str | None = None, model: str | None = None,
+            say=print) -> list:
+    """Run the grid (resuming), write the tables and plots; returns the rows."""
+    from qpeft.core import compare_plots
+
+    if quality not in QUALITY:
+        raise QpeftError(f"unknown edge quality '{quality}'; use one of {', '.join(QUALITY)}")
+    budget_mb, weight_map = parse_memory(budget), parse_weights(weights)
+    output_dir = Path(output_dir)
+    cells = grid(quants, adapters)
+    errors = run_grid(cells, output_dir, flags, say)
+    rows = [row(c, errors[c.name], output_dir / c.name) for c in cells]
+    edge_scores(rows, quality, weight_map, budget_mb)
+    meta = {"model": model or "SmolLM2-135M-Instruct (embedded)", "quants": quants, "adapters": adapters,
+            "run_flags": flags, "memory_budget_mb": budget_mb, "edge_quality": quality, "edge_weights": weight_map}
+    plots = compare_plots.plot_all(rows, [output_dir / c.name for c in cells], output_dir,
+                                   QUALITY[quality][0], QUALITY[quality][2], budget_mb)
+    write_tables(rows, output_dir, meta, plots)
+    say(f"qpeft: compared {len(rows)} combinations; see {output_dir / 'comparison.md'}")
+    return rows

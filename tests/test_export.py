@@ -1,0 +1,65 @@
+"""Rebuilding finished runs: re-evaluation, export at a rank, and a merged model transformers loads."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qpeft.core import config, pipeline
+from qpeft.core.cli.main import cli
+from qpeft.core.rebuild import rebuild
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from qpeft.core.testing import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def finished_run(tiny_dir, out, quant, adapter, name):
+    cfg = config.build(None, {"model": tiny_dir, "quant": quant, "adapter": adapter, "name": name,
+                              "evaluators": "perplexity", "eval_limit": 6, "steps": 3, "batch_size": 4,
+                              "lr": 1e-2, "save_every": 0, "output_dir": str(out), "progress": False})
+    return pipeline.run(cfg, say=lambda _: None), out / name
+
+
+def test_loftq_run_rebuilds_to_the_reported_perplexity_and_merges(tiny_dir, tmp_path):
+    report, run_dir = finished_run(tiny_dir, tmp_path, "nf4:compute_dtype=float32", "lora:r=4+loftq", "lq")
+    result = CliRunner().invoke(cli, ["eval", str(run_dir), "--evaluators", "perplexity"])
+    assert result.exit_code == 0, result.output
+    [saved] = run_dir.glob("eval-*.json")
+    again = json.loads(saved.read_text())
+    assert again["results"]["perplexity"]["perplexity"] == pytest.approx(
+        report["after"]["perplexity"]["perplexity"], rel=1e-5)
+
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--merge", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    built = rebuild(run_dir)
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, built.model(ids).logits, rtol=1e-3, atol=1e-3)
+    assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
+
+
+def test_qdylora_exports_at_a_smaller_rank_as_plain_lora(tiny_dir, tmp_path):
+    _, run_dir = finished_run(tiny_dir, tmp_path, "none:compute_dtype=float32", "qdylora:r_max=8", "dy")
+    out = tmp_path / "rank2"
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--rank", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 2
+    from safetensors.torch import load_file
+
+    shapes = {t.shape[0] for k, t in load_file(out / "adapter_model.safetensors").items() if "lora_A" in k}
+    assert shapes == {2}
+    again = CliRunner().invoke(cli, ["export", str(run_dir), "--rank", "9", "--out", str(tmp_path / "x")])
+    assert again.exit_code == 2 and "pass --rank between 1 and 8" in again.output
