@@ -34,3 +34,12 @@ def tiny_model_and_tokenizer(**kwargs):
     """``(model, tokenizer)``: :func:`tiny_model` and the tokenizer it was sized for."""
     tokenizer = tiny_tokenizer()
     return tiny_model(tokenizer=tokenizer, **kwargs), tokenizer
+
+
+def save_tiny_model(directory, **kwargs) -> str:
+    """Save :func:`tiny_model_and_tokenizer` to ``directory`` and return its path: a model
+    ``qpeft run --model DIR`` (and ``from_pretrained``) loads, for end-to-end tests."""
+    model, tokenizer = tiny_model_and_tokenizer(**kwargs)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -27,3 +27,11 @@ def embedded():
     from qpeft.core.models import load_model
 
     return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny model directory, loadable with ``--model DIR``."""
+    from qpeft.core.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))

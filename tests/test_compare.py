@@ -16,25 +16,6 @@ FLAGS = ["--steps", "2", "--eval-limit", "4", "--save-every", "100", "--batch-si
          "--evaluators", "perplexity,prompts:max_new_tokens=4,footprint"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_debug():
-    """One-line errors and exit status 2, even if an earlier test turned --debug on."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("QPEFT_DEBUG", raising=False)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from qpeft.core.testing import tiny_model_and_tokenizer
-
-    model, tokenizer = tiny_model_and_tokenizer()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def grid_dir(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")

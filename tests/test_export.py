@@ -10,17 +10,6 @@ from qpeft.core.cli.main import cli
 from qpeft.core.rebuild import rebuild
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from qpeft.core.testing import tiny_model_and_tokenizer
-
-    model, tokenizer = tiny_model_and_tokenizer()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def finished_run(tiny_dir, out, quant, adapter, name):
     cfg = config.build(None, {"model": tiny_dir, "quant": quant, "adapter": adapter, "name": name,
                               "evaluators": "perplexity", "eval_limit": 6, "steps": 3, "batch_size": 4,

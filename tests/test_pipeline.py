@@ -9,17 +9,6 @@ from qpeft.core.errors import QpeftError
 REPORT_FIELDS = {"run", "quantizer", "adapter", "model", "qpeft_version", "before", "after", "facts", "training"}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from qpeft.core.testing import tiny_model_and_tokenizer
-
-    model, tokenizer = tiny_model_and_tokenizer()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def settings(tmp_path, **kw):
     base = {"model": None, "quant": "none:compute_dtype=float32", "adapter": "lora:r=4",
             "evaluators": "perplexity,accuracy,footprint", "eval_limit": 8, "steps": 6,

@@ -235,13 +235,9 @@ def test_saved_adapter_is_a_plain_lora_that_reloads_exactly(reference, batch, op
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from qpeft.core.testing import tiny_model_and_tokenizer
+    from qpeft.core.testing import save_tiny_model
 
-    model, tokenizer = tiny_model_and_tokenizer()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @needs_install
