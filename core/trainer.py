@@ -59,6 +59,17 @@ class TrainResult:
     history: list
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute decoder activations in backward (transformers 5 renamed the switch)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise TrainingError("this model does not support --gradient-checkpointing; drop the flag")
+
+
 class Trainer:
     """Trains the parameters of ``model`` that require grad, over ``batches``.
 
@@ -101,8 +112,8 @@ class Trainer:
         random.seed(self.cfg.seed)
         if resume:
             self._restore()
-        if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.gradient_checkpointing:
+            enable_checkpointing(self.model)
         self.model.train()
         memory.reset_peak(self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
