@@ -144,7 +144,9 @@ def test_prompt_matching_rules():
 
 @pytest.mark.parametrize("answer, ok", [
     ("9.9", True), ("9.9 is larger than 9.11.", True), ("The larger number is 9.90.", True),
-    ("9.11", False), ("9.11 is larger than 9.9.", False), ("9.91", False), ("Neither", False)])
+    ("9.11", False), ("9.11 is larger than 9.9.", False), ("9.91", False), ("Neither", False),
+    ("To solve this problem, we need to calculate 9.9 as 9.11.", False), ("9.9.", True),
+    ("The bigger one is 9.9", True), ("The greater number is 9.9!", True)])
 def test_the_9_11_vs_9_9_case_accepts_only_9_9(answer, ok):
     builtin = {c.name: c for c in prompts.load_cases()}
     assert builtin["9.11-vs-9.9"].passes(answer) is ok

@@ -10,8 +10,8 @@ Each case is a prompt, an expected answer and a match rule:
 The prompt is rendered with the run's template (the tokenizer's chat template for chat
 models) and answered greedily. Two cases from the IoT paper's qualitative checks are
 built in: continuing the Fibonacci sequence (expects 13) and "Which number is larger,
-9.11 or 9.9?" (expects 9.9 as the first number of the answer, so "9.11 is larger than
-9.9" fails). Pass your own cases with ``prompts:path=cases.jsonl`` — JSON or JSONL
+9.11 or 9.9?" (the answer must be 9.9 alone or say that 9.9 is the larger, so
+"9.11 is larger than 9.9" and "we calculate 9.9 as 9.11" fail). Pass your own cases with ``prompts:path=cases.jsonl`` — JSON or JSONL
 records ``{"prompt", "expected", "match", "name"?}``.
 """
 import dataclasses
@@ -27,14 +27,16 @@ from qpeft.core.generation import generate
 from qpeft.core.options import option
 
 MATCHES = ("exact", "contains", "regex")
-# The first number in the answer is 9.9 (or 9.90…), not 9.11: "9.9 is larger" passes,
-# "9.11 is larger than 9.9" and "9.11" fail.
-FIRST_NUMBER_IS_9_9 = r"^[^0-9]*9\.90*(?![0-9])"
+# The answer states 9.9 (or 9.90…) is the larger: "9.9", "9.9 is larger", "The larger number
+# is 9.9" pass; "9.11 is larger than 9.9", "9.11" and a mere mention of 9.9 fail.
+_NINE_NINE = r"9\.90*(?![0-9])"
+SAYS_9_9_IS_LARGER = (rf"(?i)^\W*{_NINE_NINE}\W*$|^\W*{_NINE_NINE}\s+is\s+(the\s+)?(larger|bigger|greater)"
+                      rf"|(larger|bigger|greater)(\s+(one|number|value))?\s+is\s+{_NINE_NINE}")
 BUILTIN = (
     {"name": "fibonacci", "prompt": "Continue the Fibonacci sequence: 0, 1, 1, 2, 3, 5, 8,",
      "expected": "13", "match": "contains"},
     {"name": "9.11-vs-9.9", "prompt": "Which number is larger, 9.11 or 9.9?",
-     "expected": FIRST_NUMBER_IS_9_9, "match": "regex"},
+     "expected": SAYS_9_9_IS_LARGER, "match": "regex"},
 )
 
 
