@@ -9,7 +9,6 @@ OLoRA and merging need it) and ``storage_bytes``. So any adapter works over any 
                               (moved to the device, quantized, full-precision copy freed)
 """
 import dataclasses
-import time
 from typing import ClassVar, Literal
 
 import torch

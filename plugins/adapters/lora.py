@@ -247,10 +247,9 @@ def layer_device(module: nn.Module) -> torch.device:
 
 # -- the plugin --------------------------------------------------------------------------
 @dataclasses.dataclass
-class LoRAOptions:
-    """Options of LoRA and of the methods built on it."""
+class LowRankOptions:
+    """Options every low-rank method shares (LoRA, DoRA, QDyLoRA, ResLoRA, …)."""
 
-    r: int = option(16, "rank r of the update B·A (Hu et al. 2021, §4.1)")
     alpha: float = option(32.0, "α: the update is scaled by α/r, or as the scaling modifier says")
     dropout: float = option(0.05, "dropout on the input of the low-rank path")
     targets: list[str] = option([ALL_LINEAR], "layer-name suffixes to adapt (q_proj,v_proj,…); "
@@ -258,14 +257,24 @@ class LoRAOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the adapter weights")
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"r must be at least 1, got {self.r}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise ValueError("targets is empty; name layers such as q_proj,v_proj or use all-linear")
+
+
+@dataclasses.dataclass
+class LoRAOptions(LowRankOptions):
+    """Options of LoRA and of the methods built on it."""
+
+    r: int = option(16, "rank r of the update B·A (Hu et al. 2021, §4.1)")
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"r must be at least 1, got {self.r}")
+        super().__post_init__()
 
 
 class AdapterMethod(Adapter):

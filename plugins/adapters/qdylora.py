@@ -16,14 +16,13 @@ Rank sampling uses the training hook ``on_step_begin(step, model)``, which the t
 calls on every plugin of a run that defines it (docs/adapters.md).
 """
 import dataclasses
-from typing import Literal
 
 import torch
 from torch import nn
 
 from qpeft import hookimpl
 from qpeft.core.options import option
-from qpeft.plugins.adapters.lora import ALL_LINEAR, LoRA, LoRALinear, adapter_layers
+from qpeft.plugins.adapters.lora import LoRA, LoRALinear, LowRankOptions, adapter_layers
 
 
 class QDyLoRALinear(LoRALinear):
@@ -63,15 +62,12 @@ class QDyLoRALinear(LoRALinear):
 
 
 @dataclasses.dataclass
-class QDyLoRAOptions:
+class QDyLoRAOptions(LowRankOptions):
+    """LoRA's shared options (α scales the update at rank b by α/b) plus the rank range."""
+
     r_max: int = option(16, "largest rank trained (DyLoRA §3)")
     r_min: int = option(1, "smallest rank sampled in training")
     eval_rank: int = option(0, "rank used for evaluation and export; 0: r_max")
-    alpha: float = option(32.0, "α: the update at rank b is scaled by α/b, or as the scaling modifier says")
-    dropout: float = option(0.05, "dropout on the input of the low-rank path")
-    targets: list[str] = option([ALL_LINEAR], "layer-name suffixes to adapt (q_proj,v_proj,…); "
-                                "all-linear: every quantized layer but the output projection")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the adapter weights")
     seed: int = option(0, "seed of the per-step rank sampling")
 
     def __post_init__(self):
@@ -79,8 +75,7 @@ class QDyLoRAOptions:
             raise ValueError(f"need 1 ≤ r_min ≤ r_max, got r_min={self.r_min}, r_max={self.r_max}")
         if not 0 <= self.eval_rank <= self.r_max:
             raise ValueError(f"eval_rank must be in [0, r_max={self.r_max}], got {self.eval_rank}")
-        if self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.targets:
-            raise ValueError("alpha must be positive, dropout in [0, 1) and targets not empty")
+        super().__post_init__()
 
 
 class QDyLoRA(LoRA):
