@@ -55,9 +55,10 @@ def _fields(cls) -> dict:
     return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
 
 
-def build(file: str | None, flags: dict) -> RunConfig:
-    """A RunConfig from a config file (optional) overridden by explicitly given flags."""
-    values = read_file(file) if file else {}
+def build(file: str | None, flags: dict, base: dict | None = None) -> RunConfig:
+    """A RunConfig from ``base`` settings, then a config file, then explicitly given flags."""
+    values = dict(base or {})
+    values.update(read_file(file) if file else {})
     values.update({k: v for k, v in flags.items() if v is not None})
     top, train = _fields(RunConfig), _fields(TrainConfig)
     top.pop("train")
@@ -75,6 +76,23 @@ def build(file: str | None, flags: dict) -> RunConfig:
     if errors:
         raise OptionsError("; ".join(errors))
     return RunConfig(train=TrainConfig(**train_kwargs), **kwargs)
+
+
+def read_run(run_dir) -> dict:
+    """The resolved ``config.json`` a run directory was started with, or a one-line error."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise QpeftError(f"{run_dir} has no config.json; pass a directory written by 'qpeft run'")
+    return json.loads(path.read_text())
+
+
+def saved_settings(resolved: dict, run_dir) -> dict:
+    """A run's settings as flat flag values (resume/overwrite cleared), to build on."""
+    flat = dict(resolved["config"])
+    flat.update(flat.pop("train", {}))
+    flat.update(resume=False, overwrite=False, name=Path(run_dir).name,
+                output_dir=str(Path(run_dir).parent))
+    return flat
 
 
 def read_file(path: str) -> dict:

@@ -92,6 +92,31 @@ def plugin_record(plugin: Plugin) -> dict:
             "options": dataclasses.asdict(plugin.options)}
 
 
+def encoder(cfg: RunConfig, tokenizer):
+    """Example → Encoded with the run's template and length (None when it does not fit)."""
+    encode = partial(templates.encode, tokenizer=tokenizer, template=_template(cfg),
+                     max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
+    return lambda example: encode(example)[0]
+
+
+def eval_context(cfg: RunConfig, model, tokenizer, device, validation: list, test: list):
+    """A factory of :class:`EvalContext` for this model: call it with ``stage`` and ``facts``."""
+    return partial(EvalContext, model=model, tokenizer=tokenizer, device=device,
+                   validation=validation, test=test, encode=encoder(cfg, tokenizer),
+                   prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=_template(cfg)))
+
+
+def _template(cfg: RunConfig):
+    return cfg.template if cfg.template != "auto" else None
+
+
+def adapter_meta(resolved: dict) -> dict:
+    """What an adapter directory records beside PEFT's files, from a run's config.json."""
+    return {"quantizer": resolved["quantizer"], "adapter_spec": resolved["adapter"]["spec"],
+            "base_model": resolved["config"]["model"] or models.EMBEDDED,
+            "qpeft_version": resolved["qpeft_version"]}
+
+
 def evaluate(evaluators, ctx: EvalContext, say) -> dict:
     """Every evaluator on one context; a failing evaluator is recorded, not fatal."""
     results = {}
@@ -142,13 +167,7 @@ def run(cfg: RunConfig, say=print) -> dict:
     facts = {"model_mb_before": round(size_before / 2**20, 2),
              "quantize_seconds": round(time.perf_counter() - started, 2)}
 
-    template = cfg.template if cfg.template != "auto" else None
-    encode = partial(templates.encode, tokenizer=tokenizer, template=template,
-                     max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
-    encode_one = lambda e: encode(e)[0]  # noqa: E731  (None when the example does not fit)
-    ctx = partial(EvalContext, model=model, tokenizer=tokenizer, device=device,
-                  validation=p.validation, test=p.test, encode=encode_one,
-                  prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=template))
+    ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test)
 
     before_file = run_dir / "eval_before.json"
     if cfg.resume and before_file.is_file():
@@ -159,11 +178,11 @@ def run(cfg: RunConfig, say=print) -> dict:
             before_file.write_text(json.dumps(before, indent=2))
 
     p.adapter.attach(model)
-    items, stats = templates.encode_all(p.train, tokenizer, template, cfg.max_length, cfg.train_on_prompt)
+    items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
     if cfg.packing:
         items = pack(items, cfg.max_length, cfg.train.seed)
     batches = EncodedBatches(items, tokenizer.pad_token_id, cfg.train.seed)
-    val_items = [i for i in map(encode_one, p.validation) if i is not None]
+    val_items = [i for i in map(encoder(cfg, tokenizer), p.validation) if i is not None]
 
     def validation_loss(m) -> dict:
         loss, _ = mean_loss(m, val_items, tokenizer.pad_token_id, device=device)
@@ -176,9 +195,7 @@ def run(cfg: RunConfig, say=print) -> dict:
                  tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
 
     if world.is_main:
-        meta = {"quantizer": plugin_record(p.quantizer), "base_model": cfg.model or models.EMBEDDED,
-                "qpeft_version": __version__, "adapter_spec": cfg.adapter}
-        p.adapter.method.save(model, run_dir / "adapter", meta)
+        p.adapter.method.save(model, run_dir / "adapter", adapter_meta(resolved))
         facts["adapter_disk_mb"] = round(sum(f.stat().st_size for f in (run_dir / "adapter").iterdir()) / 2**20, 3)
     after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
     after.update(evaluate_variants(p, model, ctx, facts, say))

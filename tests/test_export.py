@@ -37,6 +37,9 @@ def test_loftq_run_rebuilds_to_the_reported_perplexity_and_merges(tiny_dir, tmp_
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, built.model(ids).logits, rtol=1e-3, atol=1e-3)
     assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
+    refused = CliRunner().invoke(cli, ["export", str(run_dir), "--rank", "2", "--out", str(tmp_path / "r")])
+    assert refused.exit_code == 2
+    assert "--rank needs a dynamic-rank adapter such as qdylora; this run used 'lora:r=4+loftq'" in refused.output
 
 
 def test_qdylora_exports_at_a_smaller_rank_as_plain_lora(tiny_dir, tmp_path):

@@ -32,9 +32,9 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     import json
     from pathlib import Path
 
-    from qpeft.core import distributed, pipeline, rebuild
+    from qpeft.core import config, distributed, pipeline, rebuild
 
-    resolved = rebuild.read_resolved(run_dir)
+    resolved = config.read_run(run_dir)
     cfg = rebuild.run_settings(resolved, run_dir)
     if evaluators:
         cfg.evaluators = evaluators
@@ -44,9 +44,10 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     device = distributed.device_for(device)
     say(f"qpeft: rebuilding {Path(run_dir).name} ({resolved['quantizer']['name']} × "
         f"{resolved['adapter']['spec']}) on {device}")
-    model = rebuild.rebuild(run_dir, device, rank)
+    built = rebuild.rebuild(run_dir, device, rank)
     report = _read_json(Path(run_dir) / "report.json")
-    ctx = rebuild.eval_context(model, plan.validation, plan.test, device, report.get("facts"))
+    ctx = pipeline.eval_context(built.cfg, built.model, built.tokenizer, device, plan.validation,
+                                plan.test)(stage="after", facts=dict(report.get("facts") or {}))
     results = pipeline.evaluate(plan.evaluators, ctx, say)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     record = {"run": resolved["run"], "evaluated_at": stamp, "rank": rank, "eval_limit": cfg.eval_limit,

@@ -32,6 +32,7 @@ def export_command(run_dir, out_dir, merge, rank, dtype, max_shard_size, overwri
     import torch
 
     from qpeft.core.errors import QpeftError
+    from qpeft.core.pipeline import adapter_meta
     from qpeft.core.rebuild import rebuild
 
     out = Path(out_dir)
@@ -47,8 +48,5 @@ def export_command(run_dir, out_dir, merge, rank, dtype, max_shard_size, overwri
         built.tokenizer.save_pretrained(out)
         click.echo(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)", err=True)
     else:
-        meta = {"quantizer": built.resolved["quantizer"], "adapter_spec": built.resolved["adapter"]["spec"],
-                "base_model": built.resolved["config"]["model"] or "SmolLM2-135M-Instruct",
-                "qpeft_version": built.resolved["qpeft_version"]}
-        method.save(built.model, out, meta)
+        method.save(built.model, out, adapter_meta(built.resolved))
         click.echo(f"adapter written to {out} (PEFT format; qpeft_adapter.json has the rest)", err=True)

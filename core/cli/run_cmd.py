@@ -64,25 +64,10 @@ def run_command(run_dir, config_file, **flags):
     """
     from qpeft.core import pipeline
 
+    base = None
     if run_dir is not None:
         if not flags.get("resume"):
             raise click.UsageError("RUN_DIR is only taken with --resume; use --name to name a new run")
-        config_file = config_file or _saved_config(run_dir)
-    cfg = run_config.build(config_file, {k: v for k, v in flags.items() if v is not None})
+        base = run_config.saved_settings(run_config.read_run(run_dir), run_dir)
+    cfg = run_config.build(config_file, {k: v for k, v in flags.items() if v is not None}, base)
     pipeline.run(cfg, say=lambda line: click.echo(line, err=True))
-
-
-def _saved_config(run_dir: str) -> str:
-    """The config file a run directory was started with, flattened for --resume."""
-    import json
-    from pathlib import Path
-
-    saved = Path(run_dir) / "config.json"
-    if not saved.is_file():
-        raise click.UsageError(f"{run_dir} has no config.json; is it a qpeft run directory?")
-    cfg = json.loads(saved.read_text())["config"]
-    cfg.update(cfg.pop("train"))
-    cfg["name"], cfg["output_dir"] = Path(run_dir).name, str(Path(run_dir).parent)
-    flat = Path(run_dir) / ".resume-config.json"
-    flat.write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("resume", "overwrite")}))
-    return str(flat)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qpeft import hookimpl
+from qpeft.core.errors import QpeftError
 from qpeft.core.options import option
 from qpeft.plugins.adapters.lora import LoRA, LoRALinear, LowRankOptions, adapter_layers
 
@@ -104,6 +105,13 @@ class QDyLoRA(LoRA):
         gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + step)
         b = int(torch.randint(self.options.r_min, self.options.r_max + 1, (1,), generator=gen))
         set_rank(model, train=b)
+
+    def select_rank(self, model: nn.Module, rank: int) -> None:
+        """Evaluate and export at ``rank`` ≤ the saved rank (DyLoRA §3); for --rank."""
+        saved = min(layer.eval_rank for layer in adapter_layers(model).values())
+        if not 1 <= rank <= saved:
+            raise QpeftError(f"the saved adapter has rank {saved}; pass --rank between 1 and {saved}")
+        set_rank(model, eval=rank)
 
     def report_variants(self, model: nn.Module) -> dict:
         """Ranks the run report evaluates after training (QDyLoRA §4 reports quality per
