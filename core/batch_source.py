@@ -5,7 +5,7 @@ The order of an epoch depends only on (seed, epoch) — group-by-length batches 
 where it stopped, and every process of a data-parallel run agrees on the global batch
 and takes rows ``rank::world`` of it.
 """
-from qpeft.core.batching import batch_order, collate
+from qpeft.core.batching import batch_order, collate, num_batches
 
 
 class EncodedBatches:
@@ -25,11 +25,15 @@ class EncodedBatches:
         key = (epoch, size)
         if key not in self._orders:
             self._orders = {key: batch_order(self.lengths, size, self.seed, epoch,
-                                             self.group_by_length, drop_last=len(self.items) >= size)}
+                                             self.group_by_length, self._drop_last(size))}
         return self._orders[key]
 
     def num_batches(self, size: int) -> int:
-        return len(self._order(0, size))
+        """Batches per epoch, counted without ordering (the trainer asks every micro-step)."""
+        return num_batches(len(self.items), size, drop_last=self._drop_last(size))
+
+    def _drop_last(self, size: int) -> bool:
+        return len(self.items) >= size
 
     def batch(self, epoch: int, index: int, size: int, rank: int = 0, world: int = 1) -> dict:
         """Collated rows ``rank::world`` of global batch ``index`` of ``epoch``."""

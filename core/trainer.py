@@ -139,7 +139,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.model.eval()
-        if self.cfg.save_every and (self.run_dir / "checkpoints" / f"step-{self.step:06d}").exists() is False:
+        if self.cfg.save_every and not (self.run_dir / "checkpoints" / f"step-{self.step:06d}").exists():
             self.save_checkpoint()
         return TrainResult(self.step, loss, time.perf_counter() - started, tokens, self.history)
 

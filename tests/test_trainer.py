@@ -134,3 +134,10 @@ def test_two_gloo_processes_equal_one(tokenizer, tmp_path):
     assert one.keys() == two.keys() and len(one) > 0
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 7, 20, 21, 50])
+def test_batch_count_equals_the_length_of_every_epoch_order(tokenizer, size):
+    batches = source(tokenizer, 20)
+    for epoch in range(3):
+        assert batches.num_batches(size) == len(batches._order(epoch, size))
