@@ -7,13 +7,20 @@ Formats (detected per file from its first record, or forced with ``fmt``)::
     text    {"text": "..."}
 
 Any record may also carry ``answer`` (the checkable short answer) and ``task`` (a label);
-other keys are ignored. Every record becomes one :class:`Example`. A malformed record is
-an error naming the file and line (``data.jsonl:17: missing 'output'``); with
-``skip_bad_lines=True`` such records are skipped and counted in a single warning.
+other keys are ignored. Every record becomes one :class:`Example`. Anything wrong with a
+file is a one-line :class:`DataError` naming the file and line (``data.jsonl:17: missing
+'output'``): bad JSON, bytes that are not UTF-8, numbers too long or nesting too deep for
+Python's json, lone surrogates (``"\\ud800"``). With ``skip_bad_lines=True`` such records are
+skipped and counted in a single warning; a broken JSON list cannot be skipped.
 """
+import codecs
 import dataclasses
 import json
+import math
 import random
+import re
+import reprlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -68,14 +75,25 @@ def load(path, fmt: str = "auto", skip_bad_lines: bool = False) -> list[Example]
         raise DataError(f"unknown data format '{fmt}'; use one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"no such data file: {path}; pass a .jsonl or .json file, or 'bundled'")
-    return parse(path.read_text(encoding="utf-8"), path.name, fmt, skip_bad_lines)
+        raise DataError(f"no such data file: {_shown(str(path))}; pass a .jsonl or .json file, "
+                        "or 'bundled'")
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read data file {_shown(str(path))} "
+                        f"({exc.strerror or type(exc).__name__}); "
+                        "check the path and its permissions") from None
+    return parse(content, path.name, fmt, skip_bad_lines)
 
 
-def parse(text: str, name: str, fmt: str = "auto", skip_bad_lines: bool = False) -> list[Example]:
-    """Examples from the contents of a file called ``name`` (used in messages)."""
+def parse(content: bytes | str, name: str, fmt: str = "auto",
+          skip_bad_lines: bool = False) -> list[Example]:
+    """Examples from the contents (bytes, or text) of a file called ``name`` (used in messages)."""
+    name = _shown(name)
+    if isinstance(content, str):
+        content = content.encode("utf-8", "surrogatepass")  # a lone surrogate is a bad line
     examples, bad = [], []
-    for where, record in _records(text, name):
+    for where, record in _records(content.removeprefix(codecs.BOM_UTF8), name):
         try:
             if isinstance(record, _BadRecord):
                 raise record
@@ -84,7 +102,7 @@ def parse(text: str, name: str, fmt: str = "auto", skip_bad_lines: bool = False)
             examples.append(_convert(record, fmt, where))
         except _BadRecord as exc:
             if not skip_bad_lines:
-                raise DataError(f"{where}: {exc}; fix it or pass skip_bad_lines=True") from None
+                raise DataError(f"{where}: {exc}; fix it or pass --skip-bad-lines") from None
             bad.append(where.rsplit(":", 1)[-1])
     if bad:
         shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
@@ -95,24 +113,105 @@ def parse(text: str, name: str, fmt: str = "auto", skip_bad_lines: bool = False)
     return examples
 
 
-def _records(text: str, name: str):
+def _shown(name: str) -> str:
+    """``name`` fit for a one-line message: control characters and surrogates escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
+def _records(content: bytes, name: str):
     """``(where, record)`` pairs; a record that fails to decode is a ``_BadRecord``."""
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg}); "
-                            "fix it or write one record per line (JSONL)") from None
-        for i, item in enumerate(items, 1):
-            yield f"{name}:item {i}", item
+    if content.lstrip(b" \t\n\r").startswith(b"["):
+        yield from _list_records(content, name)
         return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{name}:{number}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield f"{name}:{number}", _BadRecord(f"invalid JSON ({exc.msg})")
+    for number, raw in enumerate(content.split(b"\n"), 1):  # not splitlines: "\u2028" is text
+        if raw.strip():
+            yield f"{name}:{number}", _line_record(raw)
+
+
+def _line_record(raw: bytes):
+    """The JSON value on one line of a JSONL file, or a ``_BadRecord`` saying why there is none."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_int)
+    except UnicodeDecodeError as exc:
+        return _BadRecord(_not_utf8(raw, exc))
+    except (ValueError, RecursionError, _BadRecord) as exc:
+        return _unreadable(exc)
+
+
+def _not_utf8(content: bytes, exc: UnicodeDecodeError) -> str:
+    """What is wrong with the byte at which decoding ``content`` as UTF-8 failed."""
+    column = exc.start - content.rfind(b"\n", 0, exc.start)
+    return (f"byte 0x{content[exc.start]:02x} at column {column} is not valid UTF-8 "
+            "(the file must be UTF-8)")
+
+
+def _unreadable(exc: Exception) -> _BadRecord:
+    """Why Python's json could not read a value (``exc`` is what it raised)."""
+    if isinstance(exc, _BadRecord):
+        return exc
+    if isinstance(exc, RecursionError):
+        return _BadRecord("invalid JSON (nested too deeply for Python's json)")
+    return _BadRecord(f"invalid JSON ({_shown(str(getattr(exc, 'msg', exc)))})")
+
+
+def _int(digits: str) -> int:
+    """A JSON integer; refused when too long for Python (``sys.get_int_max_str_digits``)."""
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("-")) > limit:
+        raise _BadRecord(f"a number has more than {limit} digits (too long for Python's json)")
+    return int(digits)
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _list_records(content: bytes, name: str):
+    """``(where, record)`` for each item of a JSON list, decoded one by one.
+
+    Records are then checked like JSONL lines. A broken list (syntax, encoding, an item json
+    cannot read) is a :class:`DataError` at its line: no later item can be found.
+    """
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _list_error(name, content.count(b"\n", 0, exc.start) + 1, _not_utf8(content, exc))
+    decoder = json.JSONDecoder(parse_int=_int)
+    pos = _SPACE.match(text, _SPACE.match(text).end() + 1).end()  # after the "["
+    number = 0
+    while not (number == 0 and text.startswith("]", pos)):
+        number += 1
+        item, pos = _list_item(decoder, text, pos, name, number)
+        yield f"{name}:item {number}", item
+        pos = _SPACE.match(text, pos).end()
+        if text.startswith("]", pos):
+            break
+        if not text.startswith(",", pos):
+            raise _list_error(name, _line(text, pos), "invalid JSON (Expecting ',' delimiter)")
+        pos = _SPACE.match(text, pos + 1).end()
+    end = _SPACE.match(text, pos + 1).end()
+    if end != len(text):
+        raise _list_error(name, _line(text, end), "invalid JSON (Extra data)")
+
+
+def _list_item(decoder, text: str, pos: int, name: str, number: int):
+    """``(item, end)``: item ``number`` of a JSON list, starting at ``text[pos]``."""
+    try:
+        return decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as exc:
+        raise _list_error(name, exc.lineno, f"invalid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError, _BadRecord) as exc:
+        raise _list_error(name, _line(text, pos), f"item {number}: {_unreadable(exc)}") from None
+
+
+def _line(text: str, pos: int) -> int:
+    """The 1-based line number of ``text[pos]``."""
+    return text.count("\n", 0, pos) + 1
+
+
+def _list_error(name: str, line: int, what: str) -> DataError:
+    """A broken JSON list, at ``name:line``."""
+    return DataError(f"{name}:{line}: {what}; a broken JSON list cannot be skipped: fix it "
+                     "or write one record per line (JSONL)")
 
 
 def detect(record) -> str:
@@ -154,9 +253,9 @@ def _messages(record) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise _BadRecord(f"messages[{i}] must be an object with a text 'content'")
         if m.get("role") not in ROLES:
-            raise _BadRecord(f"messages[{i}] has unknown role {m.get('role')!r}; "
+            raise _BadRecord(f"messages[{i}] has unknown role {reprlib.repr(m.get('role'))}; "
                              f"use one of {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": _valid(m["content"], f"messages[{i}]")})
     if out[-1]["role"] != "assistant":
         raise _BadRecord("the last message must have role 'assistant' (the response to learn)")
     if not any(m["role"] == "user" for m in out):
@@ -173,17 +272,29 @@ def _required(record: dict, key: str) -> str:
         raise _BadRecord(f"'{key}' must be text, got {type(value).__name__}")
     if not value.strip():
         raise _BadRecord(f"'{key}' is empty")
-    return value
+    return _valid(value, f"'{key}'")
 
 
 def _optional(record: dict, key: str, number_ok: bool = False) -> str | None:
     """The text at ``record[key]``, or None; numbers become text when ``number_ok``."""
     value = record.get(key)
     if value is None or isinstance(value, str):
-        return value
-    if number_ok and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise _BadRecord(f"'{key}' must be text, got {type(value).__name__}")
+        return None if value is None else _valid(value, f"'{key}'")
+    if not number_ok or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _BadRecord(f"'{key}' must be text, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise _BadRecord(f"'{key}' must be text or a finite number, got {value}")
+    return str(value)
+
+
+def _valid(text: str, what: str) -> str:
+    """``text``, unless it holds a lone surrogate (from a broken ``\\u`` escape: unencodable)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _BadRecord(f"{what} contains an invalid character (lone surrogate "
+                         f"\\u{ord(text[exc.start]):04x})") from None
+    return text
 
 
 def split(examples: list, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
@@ -220,8 +331,8 @@ def bundled(split_name: str = "train") -> list[Example]:
     if split_name not in _BUNDLED_FILES:
         raise DataError(f"the bundled dataset has no split '{split_name}'; use 'train' or 'test'")
     name = _BUNDLED_FILES[split_name]
-    text = resources.files("qpeft.core").joinpath("resources", name).read_text(encoding="utf-8")
-    return parse(text, name, "alpaca")
+    content = resources.files("qpeft.core").joinpath("resources", name).read_bytes()
+    return parse(content, name, "alpaca")
 
 
 def exact_match(generated: str, answer: str) -> bool:

@@ -87,7 +87,7 @@ def test_bad_line_refused_with_file_and_line(tmp_path, bad, message):
     path = write(tmp_path, "data.jsonl", [good, bad, good])
     with pytest.raises(DataError, match=message) as info:
         data.load(path)
-    assert "\n" not in str(info.value) and "skip_bad_lines" in str(info.value)
+    assert "\n" not in str(info.value) and "--skip-bad-lines" in str(info.value)
 
 
 def test_skip_bad_lines_warns_once_with_count(tmp_path):
