@@ -86,19 +86,23 @@ def parse_memory(text: str | None) -> float | None:
     return size / 2**20
 
 
-def precheck(cell: Cell) -> str | None:
-    """The one-line error a cell's specs would fail with, found without starting a process."""
+def spec_errors(quants: list, adapters: list) -> list[str]:
+    """One line per quantizer or adapter spec that would fail, found without starting a process."""
     from qpeft.core import registry
     from qpeft.core.adapter import compose
     from qpeft.core.pipeline import build_plugin
 
-    try:
-        reg = registry.default()
-        build_plugin("quantizer", cell.quant, reg)
-        compose(cell.adapter, reg)
-    except QpeftError as exc:
-        return f"Error: {exc}"
-    return None
+    reg = registry.default()
+    checks = (("--quant", quants, lambda spec: build_plugin("quantizer", spec, reg)),
+              ("--adapter", adapters, lambda spec: compose(spec, reg)))
+    out = []
+    for flag, specs, build in checks:
+        for spec in dict.fromkeys(specs):
+            try:
+                build(spec)
+            except QpeftError as exc:
+                out.append(f"{flag} '{spec}': {exc}")
+    return out
 
 
 def run_cell(cell: Cell, output_dir: Path, flags: list, log_dir: Path) -> str | None:
@@ -132,7 +136,7 @@ def run_grid(cells: list, output_dir: Path, flags: list, say=print) -> dict:
             say(f"  {cell.name}: done before, skipped")
             errors[cell.name] = None
             continue
-        errors[cell.name] = precheck(cell) or run_cell(cell, output_dir, flags, log_dir)
+        errors[cell.name] = run_cell(cell, output_dir, flags, log_dir)
         say(f"  {cell.name}: {'ok' if errors[cell.name] is None else errors[cell.name]}")
     return errors
 
@@ -264,7 +268,7 @@ def _cell(value) -> str:
 def compare(quants: list, adapters: list, output_dir, flags: list, budget: str | None = None,
             quality: str = "perplexity", weights: str | None = None, model: str | None = None,
             say=print) -> list:
-    """Run the grid (resuming), write the tables and plots; returns the rows."""
+    """Check every spec, run the grid (resuming), write the tables and plots; returns the rows."""
     from qpeft.core import compare_plots
 
     if quality not in QUALITY:
@@ -272,6 +276,10 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     budget_mb, weight_map = parse_memory(budget), parse_weights(weights)
     output_dir = Path(output_dir)
     cells = grid(quants, adapters)
+    problems = spec_errors(quants, adapters)
+    if problems:
+        raise QpeftError("; ".join(problems) + "; nothing was run: fix or drop the spec"
+                         + ("s" if len(problems) > 1 else ""))
     errors = run_grid(cells, output_dir, flags, say)
     rows = [row(c, errors[c.name], output_dir / c.name) for c in cells]
     edge_scores(rows, quality, weight_map, budget_mb)

@@ -2,10 +2,13 @@
 
 Keys in the file are named like the flags (``--batch-size`` → ``batch_size`` or
 ``batch-size``); flags given on the command line override the file. Every bad key or
-value is reported at once, as torchtune does, naming the flag.
+value is reported at once, as torchtune does, naming the flag; ranges are in :data:`RANGES`,
+so a bad number costs a second, not a model load.
 """
 import dataclasses
 import json
+import math
+import re
 import typing
 from pathlib import Path
 
@@ -51,66 +54,240 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric setting takes: ``low``/``high`` bounds (None: unbounded),
+    each inclusive unless ``*_open``, and an example value for the message."""
+
+    example: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` is out of range (``"must be > 0"``), or None."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (too_low or too_high):
+            return None
+        words = [f"{'>' if self.low_open else '≥'} {_num(self.low)}"] if self.low is not None else []
+        words += [f"{'<' if self.high_open else '≤'} {_num(self.high)}"] if self.high is not None else []
+        return "must be " + " and ".join(words)
+
+
+RANGES = {  # every numeric setting of RunConfig and TrainConfig → its range
+    "max_length": Range("256", low=8),
+    "validation_split": Range("0.2", low=0, high=1, low_open=True, high_open=True),
+    "eval_limit": Range("100", low=0),
+    "steps": Range("100", low=0),
+    "epochs": Range("1", low=0, low_open=True),        # checked only when --steps is 0
+    "batch_size": Range("8", low=1),
+    "grad_accum": Range("1", low=1),
+    "lr": Range("3e-4", low=0, low_open=True),
+    "weight_decay": Range("0.01", low=0),
+    "warmup_steps": Range("10", low=0),
+    "max_grad_norm": Range("1.0", low=0),
+    "seed": Range("42", low=0, high=2**32 - 1),         # what every seeded RNG accepts (numpy: 32-bit)
+    "log_every": Range("5", low=1),
+    "eval_every": Range("20", low=0),
+    "save_every": Range("50", low=0),
+}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _fields(cls) -> dict:
     return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
 
 
 def build(file: str | None, flags: dict, base: dict | None = None) -> RunConfig:
-    """A RunConfig from ``base`` settings, then a config file, then explicitly given flags."""
+    """A RunConfig from ``base`` settings, then a config file, then explicitly given flags.
+
+    Every unknown key, wrong type and out-of-range value is reported in one error. The
+    device is checked against this machine unless it comes from ``base`` alone (a saved
+    run, which ``qpeft eval``/``export`` rebuild on a device of their own)."""
     values = dict(base or {})
-    values.update(read_file(file) if file else {})
-    values.update({k: v for k, v in flags.items() if v is not None})
+    given = {**(read_file(file) if file else {}), **{k: v for k, v in flags.items() if v is not None}}
+    values.update(given)
     top, train = _fields(RunConfig), _fields(TrainConfig)
     top.pop("train")
     errors, kwargs, train_kwargs = [], {}, {}
     for raw_key, value in values.items():
-        key = raw_key.replace("-", "_")
+        key = str(raw_key).replace("-", "_")
         target, types = (kwargs, top) if key in top else (train_kwargs, train) if key in train else (None, None)
         if target is None:
-            errors.append(unknown("setting", raw_key, [k.replace("_", "-") for k in [*top, *train]]))
+            errors.append(unknown("setting", str(raw_key), [k.replace("_", "-") for k in [*top, *train]]))
             continue
         try:
-            target[key] = opts.coerce(value, types[key], f"--{key.replace('_', '-')}")
+            target[key] = opts.coerce(value, types[key], _flag(key))
         except OptionsError as exc:
             errors.append(str(exc))
+        except OverflowError:           # int(float('inf'))
+            errors.append(f"{_flag(key)} expects {types[key].__name__}, got {value!r}")
+    try:
+        cfg = RunConfig(train=TrainConfig(**train_kwargs), **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise OptionsError("; ".join([*errors, str(exc)])) from None
+    errors += range_errors(cfg)
+    device_given = any(str(k).replace("-", "_") == "device" for k in given)
+    errors += filter(None, [device_problem(cfg.device, available=device_given)])
     if errors:
         raise OptionsError("; ".join(errors))
-    return RunConfig(train=TrainConfig(**train_kwargs), **kwargs)
+    return cfg
+
+
+def range_errors(cfg: RunConfig) -> list[str]:
+    """One message per numeric setting outside its :data:`RANGES`, plus the cross-checks."""
+    t = cfg.train
+    out = []
+    for key, allowed in RANGES.items():
+        value = getattr(t if hasattr(t, key) else cfg, key)
+        if key == "epochs" and t.steps != 0 and math.isfinite(value):
+            continue                    # --epochs is not used
+        problem = allowed.problem(value)
+        if problem:
+            when = " when --steps is 0" if key == "epochs" and math.isfinite(value) else ""
+            out.append(f"{_flag(key)} {problem}{when}, got {value}; e.g. {_flag(key)} {allowed.example}")
+    if t.batch_size >= 1 and t.grad_accum >= 1 and t.batch_size % t.grad_accum:
+        out.append(f"--batch-size {t.batch_size} must be divisible by --grad-accum {t.grad_accum}; "
+                   f"e.g. --batch-size {t.batch_size - t.batch_size % t.grad_accum or t.grad_accum} "
+                   f"--grad-accum {t.grad_accum}")
+    return out
+
+
+def device_problem(device: str, available: bool = True) -> str | None:
+    """Why ``--device`` cannot be used: not a device name, or (``available``) not on this machine."""
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        return f"--device must be auto, cpu, cuda, cuda:N or mps, got '{device}'; e.g. --device cpu"
+    if not available or device in ("auto", "cpu"):
+        return None
+    import torch  # only here: the other checks need no torch
+
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return None if mps is not None and mps.is_available() else \
+            "--device mps: no Apple MPS device is visible; use --device cpu"
+    if not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device is visible; use --device cpu"
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        return (f"--device {device}: only {count} CUDA device{'s are' if count > 1 else ' is'} visible; "
+                f"use --device cuda:{count - 1} or lower")
+    return None
+
+
+# -- the resolved config.json of a run -------------------------------------------------
+RUN_SHAPE = {  # key of config.json → (type it must have, keys that mapping must have)
+    "run": (str, ()), "qpeft_version": (str, ()), "config": (dict, ("model",)),
+    "quantizer": (dict, ("name", "options")), "adapter": (dict, ("spec", "parts")),
+}
 
 
 def read_run(run_dir) -> dict:
-    """The resolved ``config.json`` a run directory was started with, or a one-line error."""
+    """The resolved ``config.json`` a run directory was started with, checked for every key
+    that later code reads (its settings must build, too), or a one-line error."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise QpeftError(f"{run_dir} has no config.json; pass a directory written by 'qpeft run'")
-    return json.loads(path.read_text())
+    fix = f"restore it, or start the run again with 'qpeft run ... --name {Path(run_dir).name} --overwrite'"
+    damaged = "; " + fix
+    try:
+        data = json.loads(_text(path, fix))
+    except ValueError as exc:
+        raise QpeftError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}){damaged}") from None
+    problem = _run_shape_problem(data)
+    if problem:
+        raise QpeftError(f"{path} is damaged: {problem}{damaged}")
+    try:
+        build(None, {}, saved_settings(data, run_dir))
+    except QpeftError as exc:
+        raise QpeftError(f"{path} holds settings this qpeft cannot use: {exc}{damaged}") from None
+    return data
+
+
+def _run_shape_problem(data) -> str | None:
+    if not isinstance(data, dict):
+        return f"it holds a {type(data).__name__}, not the mapping 'qpeft run' writes"
+    for key, (typ, inner) in RUN_SHAPE.items():
+        if not isinstance(data.get(key), typ):
+            return f"'{key}' is missing or not a {'mapping' if typ is dict else 'string'}"
+        missing = [k for k in inner if k not in data[key]]
+        if missing:
+            return f"'{key}' lacks '{missing[0]}'"
+    if not isinstance(data["config"].get("train", {}), dict):
+        return "'config.train' is not a mapping"
+    q, a = data["quantizer"], data["adapter"]
+    if not isinstance(q["name"], str) or not isinstance(q["options"], dict):
+        return "'quantizer' needs a string 'name' and a mapping 'options'"
+    if not isinstance(a["spec"], str) or not isinstance(a["parts"], list) or not a["parts"] or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("options"), dict)
+            for p in a["parts"]):
+        return "'adapter' needs a string 'spec' and 'parts', each with a 'name' and 'options'"
+    return None
 
 
 def saved_settings(resolved: dict, run_dir) -> dict:
     """A run's settings as flat flag values (resume/overwrite cleared), to build on."""
     flat = dict(resolved["config"])
-    flat.update(flat.pop("train", {}))
+    flat.update(flat.pop("train", None) or {})
     flat.update(resume=False, overwrite=False, name=Path(run_dir).name,
                 output_dir=str(Path(run_dir).parent))
     return flat
 
 
+# -- config files ------------------------------------------------------------------------
 def read_file(path: str) -> dict:
-    """A YAML or JSON mapping of settings."""
+    """A YAML or JSON mapping of settings; a ``train:`` section is flattened into it."""
     p = Path(path)
     if not p.is_file():
         raise QpeftError(f"no such config file: {path}")
-    text = p.read_text()
+    kind = "JSON" if p.suffix == ".json" else "YAML"
+    text = _text(p)
     try:
-        if p.suffix == ".json":
+        if kind == "JSON":
             data = json.loads(text)
         else:
             import yaml
 
             data = yaml.safe_load(text)
     except Exception as exc:
-        raise QpeftError(f"{path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise QpeftError(f"{path} is not valid {kind}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise QpeftError(f"{path} must hold a mapping of settings, such as 'adapter: dora'")
-    return data.get("train", {}) | {k: v for k, v in data.items() if k != "train"}
+        raise QpeftError(f"{path} must hold a mapping of settings, such as 'adapter: dora'; "
+                         f"it holds a {_kind(data)}")
+    section = data.get("train")
+    if section is not None and not isinstance(section, dict):
+        raise QpeftError(f"{path}: 'train' must be a mapping of training settings, such as "
+                         f"'train: {{lr: 3.0e-4, steps: 100}}'; it holds a {_kind(section)}")
+    bad = next((k for k in [*data, *(section or {})] if not isinstance(k, str)), None)
+    if bad is not None:
+        raise QpeftError(f"{path}: setting names must be text, got {bad!r}; write e.g. 'steps: 100'")
+    return (section or {}) | {k: v for k, v in data.items() if k != "train"}
+
+
+def _text(path: Path, fix: str = "save it as UTF-8") -> str:
+    """The UTF-8 text of ``path``, or a one-line error naming it and ending in ``fix``."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise QpeftError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise QpeftError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                         f"{fix}") from None
+
+
+def _kind(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "nothing"}.get(type(value), type(value).__name__)

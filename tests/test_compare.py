@@ -1,4 +1,5 @@
-"""``qpeft compare``: a real 2×2 grid on the tiny model (one process per cell), failures, resume."""
+"""``qpeft compare``: a real 2×2 grid on the tiny model (one process per cell), failures, resume;
+bad specs and flags stop the grid before any cell runs."""
 import csv
 import json
 import math
@@ -11,7 +12,7 @@ from qpeft.core.cli.main import cli
 from qpeft.core.errors import QpeftError
 
 QUANTS = ["none:compute_dtype=float32", "hqq"]
-ADAPTERS = ["lora:r=4", "ia3", "lora:r=-1"]          # the last one is broken
+ADAPTERS = ["lora:r=4", "ia3"]
 FLAGS = ["--steps", "2", "--eval-limit", "4", "--save-every", "100", "--batch-size", "2",
          "--evaluators", "perplexity,prompts:max_new_tokens=4,footprint"]
 
@@ -42,17 +43,20 @@ def test_the_grid_writes_tables_and_plots_with_a_row_per_combination(grid_dir):
     assert hqq["lora:r=4"]["model_mb"] < none["lora:r=4"]["model_mb"]
     assert hqq["ia3"]["trainable_params"] < hqq["lora:r=4"]["trainable_params"]
     with open(grid_dir / "comparison.csv") as f:
-        assert len(list(csv.DictReader(f))) == 6
+        assert len(list(csv.DictReader(f))) == 4
 
 
-def test_a_broken_cell_is_reported_and_the_others_complete(grid_dir):
-    rows = json.loads((grid_dir / "comparison.json").read_text())["rows"]
-    broken = [r for r in rows if r["adapter"] == "lora:r=-1"]
-    assert all(r["status"] == "failed" and "r must be at least 1" in r["error"] for r in broken)
-    assert all(r["edge_score"] is None for r in broken)
-    md = (grid_dir / "comparison.md").read_text()
-    assert "## Failed combinations" in md and "hqq × lora:r=-1: Error: adapter 'lora'" in md
-    assert "**Edge score** = Q^0.40 · M^0.20 · D^0.20 · T^0.20" in md
+def test_a_failing_cell_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
+    cells = compare.grid(["none", "hqq"], ["lora", "dora"])
+    started = []
+
+    def fake_run_cell(cell, output_dir, flags, log_dir):
+        started.append(cell.name)
+        return "Error: boom" if cell.name == "none-lora" else None
+    monkeypatch.setattr(compare, "run_cell", fake_run_cell)
+    errors = compare.run_grid(cells, tmp_path, [], say=lambda _: None)
+    assert started == [c.name for c in cells]
+    assert errors == {"none-lora": "Error: boom", "none-dora": None, "hqq-lora": None, "hqq-dora": None}
 
 
 def test_a_rerun_skips_finished_cells(grid_dir, tiny_dir):
@@ -75,6 +79,10 @@ def test_a_cell_failing_at_run_time_records_its_last_stderr_line(tiny_dir, tmp_p
     assert rows[0]["status"] == "failed"
     assert "cannot be split into groups of 48" in rows[0]["error"]     # the last stderr line
     assert (tmp_path / "logs" / "hqq_group_size48-lora_r4.log").is_file()
+    assert rows[0]["edge_score"] is None
+    md = (tmp_path / "comparison.md").read_text()
+    assert "## Failed combinations" in md and "hqq:group_size=48 × lora:r=4: " in md
+    assert "**Edge score** = Q^0.40 · M^0.20 · D^0.20 · T^0.20" in md
 
 
 def test_edge_score_is_the_weighted_geometric_mean_of_ratios_to_the_best():
@@ -103,3 +111,26 @@ def test_memory_budgets_and_flags_are_checked_before_anything_runs(tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--output-dir", str(tmp_path), "--stepz", "2"])
     assert result.exit_code == 2 and "No such option '--stepz'" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def _no_cell(*args, **kwargs):
+    raise AssertionError("a cell ran before every spec and flag was checked")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--quant", "none,bogus"], ["--quant 'bogus': unknown quantizer 'bogus'", "nothing was run"]),
+    (["--quant", "none,bogus", "--adapter", "lora,lora:r=-1"],
+     ["--quant 'bogus': unknown quantizer", "--adapter 'lora:r=-1': adapter 'lora': r must be at least 1",
+      "fix or drop the specs"]),
+    (["--lr", "-1"], ["--lr must be > 0, got -1.0; e.g. --lr 3e-4"]),
+    (["--batch-size", "0", "--device", "bogus"], ["--batch-size must be ≥ 1", "--device must be auto"]),
+])
+def test_bad_specs_and_flags_stop_the_grid_before_any_cell_runs(monkeypatch, tmp_path, args, expected):
+    monkeypatch.setattr(compare, "run_cell", _no_cell)
+    out = tmp_path / "grid"
+    result = CliRunner().invoke(cli, ["compare", "--output-dir", str(out), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert all(part in lines[0] for part in expected), lines[0]
+    assert not out.exists()

@@ -1,4 +1,7 @@
-"""Run settings: config files, flag overrides, every error at once; schedules; optimizer fallback."""
+"""Run settings: config files, flag overrides, every error at once, ranges and damaged
+files as one line before the model loads; schedules; optimizer fallback."""
+import json
+
 import pytest
 import torch
 
@@ -77,3 +80,130 @@ def test_gradient_checkpointing_gives_the_same_first_step(tokenizer, tmp_path):
                           gradient_checkpointing=flag)
         results.append(Trainer(model, source(tokenizer, 8), cfg, tmp_path / str(flag)).train().history)
     assert [r["loss"] for r in results[1]] == pytest.approx([r["loss"] for r in results[0]], rel=1e-5)
+
+
+# -- bad inputs: one line on stderr, exit 2, before any model loads ------------------------
+def _refuse(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+def one_line_error(monkeypatch, *args) -> str:
+    """Invoke the CLI with the model loader booby-trapped; the single stderr line."""
+    from click.testing import CliRunner
+
+    from qpeft.core import models
+    from qpeft.core.cli.main import cli
+
+    monkeypatch.setattr(models, "load_model", _refuse)
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, AssertionError), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output and "loading" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--lr", "-1"], "--lr must be > 0, got -1.0; e.g. --lr 3e-4"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--batch-size", "0"], "--batch-size must be ≥ 1, got 0; e.g. --batch-size 8"),
+    (["--grad-accum", "0"], "--grad-accum must be ≥ 1, got 0"),
+    (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be divisible by --grad-accum 4"),
+    (["--log-every", "0"], "--log-every must be ≥ 1, got 0"),
+    (["--eval-every", "-1"], "--eval-every must be ≥ 0, got -1"),
+    (["--save-every", "-1"], "--save-every must be ≥ 0, got -1"),
+    (["--eval-limit", "-1"], "--eval-limit must be ≥ 0, got -1"),
+    (["--steps", "-1"], "--steps must be ≥ 0, got -1"),
+    (["--steps", "0", "--epochs", "0"], "--epochs must be > 0 when --steps is 0, got 0.0"),
+    (["--epochs", "nan"], "--epochs must be a finite number, got nan"),
+    (["--warmup-steps", "-2"], "--warmup-steps must be ≥ 0, got -2"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be ≥ 0, got -0.1"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be ≥ 0, got -1.0"),
+    (["--max-length", "4"], "--max-length must be ≥ 8, got 4"),
+    (["--seed", "-1"], "--seed must be ≥ 0 and ≤ 4294967295, got -1"),
+    (["--seed", str(2**32)], "--seed must be ≥ 0 and ≤ 4294967295, got 4294967296"),
+    (["--device", "bogus"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'bogus'; e.g. --device cpu"),
+])
+def test_out_of_range_run_options_are_one_line_before_the_model_loads(monkeypatch, args, expected):
+    assert expected in one_line_error(monkeypatch, "run", *args)
+
+
+def test_every_bad_setting_of_a_file_is_reported_at_once(monkeypatch, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("validation_split: 1.5\ntrain:\n  lr: .nan\n  steps: .inf\n")
+    line = one_line_error(monkeypatch, "run", "--config", str(path))
+    for part in ("--validation-split must be > 0 and < 1, got 1.5; e.g. --validation-split 0.2",
+                 "--lr must be a finite number, got nan", "--steps expects int, got inf"):
+        assert part in line
+
+
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert one_line_error(monkeypatch, "run", "--device", "cuda") == \
+        "Error: --device cuda: no CUDA device is visible; use --device cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "--device cuda:1: only 1 CUDA device is visible; use --device cuda:0" in \
+        one_line_error(monkeypatch, "run", "--device", "cuda:1")
+    assert config.device_problem("cuda:0") is None and config.device_problem("cpu") is None
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("train-number.yaml", b"train: 5\n", "'train' must be a mapping of training settings"),
+    ("train-list.yaml", b"train: [1, 2]\n", "'train' must be a mapping of training settings"),
+    ("list.yaml", b"- adapter: dora\n", "must hold a mapping of settings, such as 'adapter: dora'"),
+    ("latin1.yaml", "adapter: déra\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9"),
+    ("latin1.json", '{"adapter": "déra"}'.encode("latin-1"), "is not UTF-8 text (byte 0xe9"),
+    ("keys.yaml", b"1: 2\n", "setting names must be text, got 1"),
+])
+def test_config_files_of_the_wrong_shape_are_one_line_naming_the_file(monkeypatch, tmp_path, name,
+                                                                      content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    line = one_line_error(monkeypatch, "run", "--config", str(path))
+    assert str(path) in line and expected in line
+
+
+def resolved_run() -> dict:
+    """A well-formed config.json as 'qpeft run' writes it."""
+    return {"run": "r", "qpeft_version": "0", "config": config.RunConfig().to_dict(),
+            "quantizer": {"name": "nf4", "options": {}},
+            "adapter": {"spec": "lora", "parts": [{"name": "lora", "options": {}}]}}
+
+
+def _without(key):
+    out = resolved_run()
+    del out[key]
+    return json.dumps(out).encode()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (json.dumps(resolved_run()).encode()[:40], "is not valid JSON"),
+    (b"not json", "is not valid JSON"),
+    (b"[]", "is damaged: it holds a list"),
+    (_without("config"), "is damaged: 'config' is missing"),
+    (_without("quantizer"), "is damaged: 'quantizer' is missing"),
+    (_without("adapter"), "is damaged: 'adapter' is missing"),
+    (json.dumps({**resolved_run(), "adapter": {"spec": "lora", "parts": ["lora"]}}).encode(),
+     "is damaged: 'adapter' needs"),
+    (json.dumps({**resolved_run(), "quantizer": {"name": "nf4"}}).encode(), "'quantizer' lacks 'options'"),
+    (json.dumps({**resolved_run(), "config": {"model": None, "train": {"lr": -1}}}).encode(),
+     "holds settings this qpeft cannot use: --lr must be > 0"),
+    ('{"run": "é"}'.encode("latin-1"), "is not UTF-8 text"),
+])
+def test_a_damaged_run_config_is_one_line_naming_it(monkeypatch, tmp_path, content, expected):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_bytes(content)
+    for args in (["run", str(run_dir), "--resume"], ["eval", str(run_dir)]):
+        line = one_line_error(monkeypatch, *args)
+        assert str(run_dir / "config.json") in line and expected in line and "--overwrite" in line
+
+
+def test_a_well_formed_run_config_reads_back(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**resolved_run(), "config": {
+        **config.RunConfig().to_dict(), "device": "cuda"}}))
+    resolved = config.read_run(tmp_path)        # a GPU run's config reads on any machine
+    assert config.build(None, {}, config.saved_settings(resolved, tmp_path)).device == "cuda"

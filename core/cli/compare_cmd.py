@@ -21,8 +21,9 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
     """Run every QUANT × ADAPTER combination and compare them.
 
     Any other 'qpeft run' flag (--steps, --eval-limit, --evaluators, --lr, ...) is passed
-    to every cell. Each cell runs in its own process; a failing cell is recorded with
-    its error and the grid goes on. Rerunning skips cells that have a report.json.
+    to every cell. Every spec and flag is checked before the first cell starts. Each cell
+    runs in its own process; a cell failing at run time is recorded with its error and
+    the grid goes on. Rerunning skips cells that have a report.json.
 
     \b
     Examples:
@@ -42,7 +43,9 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
 
 
 def run_flags(args: list) -> list:
-    """The pass-through flags, checked by ``qpeft run``'s own parser before any cell starts."""
+    """The pass-through flags, checked by ``qpeft run``'s own parser and settings (types,
+    ranges, --device) before any cell starts."""
+    from qpeft.core import config as run_config
     from qpeft.core.cli.run_cmd import run_command
 
     parsed = run_command.make_context("qpeft run", list(args), resilient_parsing=False).params
@@ -51,4 +54,6 @@ def run_flags(args: list) -> list:
         flag = owned[0].replace("_", "-")
         raise click.UsageError(f"compare sets {'RUN_DIR' if flag == 'run-dir' else '--' + flag} for "
                                "each cell; use --quant/--adapter lists and --output-dir of compare")
+    file = parsed.pop("config_file", None)
+    run_config.build(file, {k: v for k, v in parsed.items() if v is not None and k != "run_dir"})
     return args

@@ -63,6 +63,7 @@ def run_command(run_dir, config_file, **flags):
       qpeft run --resume runs/nf4-lora             # continue after an interruption
     """
     from qpeft.core import pipeline
+    from qpeft.core.errors import OptionsError
 
     base = None
     if run_dir is not None:
@@ -70,4 +71,7 @@ def run_command(run_dir, config_file, **flags):
             raise click.UsageError("RUN_DIR is only taken with --resume; use --name to name a new run")
         base = run_config.saved_settings(run_config.read_run(run_dir), run_dir)
     cfg = run_config.build(config_file, {k: v for k, v in flags.items() if v is not None}, base)
+    problem = run_config.device_problem(cfg.device)   # a resumed run's saved --device, too
+    if problem:
+        raise OptionsError(problem)
     pipeline.run(cfg, say=lambda line: click.echo(line, err=True))
