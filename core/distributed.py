@@ -20,15 +20,27 @@ class World:
         return self.rank == 0
 
     def sum_int(self, value: int) -> int:
-        return int(self._sum(torch.tensor([value], dtype=torch.float64)).item())
+        return int(self._reduce(value, "SUM"))
 
     def sum_float(self, value: float) -> float:
-        return float(self._sum(torch.tensor([value], dtype=torch.float64)).item())
+        return self._reduce(value, "SUM")
 
-    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+    def max_int(self, value: int) -> int:
+        return int(self._reduce(value, "MAX"))
+
+    def _reduce(self, value: float, op: str) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
         if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
+            torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
+        return float(t.item())
+
+    def broadcast(self, tensors) -> None:
+        """Overwrite ``tensors`` in every process with rank 0's values (in place)."""
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for t in tensors:
+                torch.distributed.broadcast(t.data, src=0)
 
     def average_grads(self, params) -> None:
         if self.world == 1:

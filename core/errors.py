@@ -6,6 +6,7 @@ class QpeftError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
     exit_code = 2
+    prefix = "Error: "     # how the CLI opens the line
 
 
 class OptionsError(QpeftError):

@@ -9,13 +9,12 @@ costs a second, not a conversion.
 """
 import dataclasses
 import json
-import shutil
 import time
 from functools import partial
 from pathlib import Path
 
 from qpeft.core import data as datasets
-from qpeft.core import distributed, memory, models, registry, report, templates
+from qpeft.core import distributed, memory, models, registry, report, rundir, templates
 from qpeft.core.adapter import compose
 from qpeft.core.batch_source import EncodedBatches
 from qpeft.core.batching import pack
@@ -26,7 +25,7 @@ from qpeft.core.evaluator import EvalContext
 from qpeft.core.plugin import Plugin
 from qpeft.core.quantizer import model_bytes
 from qpeft.core.spec import parse, split_list
-from qpeft.core.trainer import Trainer
+from qpeft.core.trainer import Trainer, seed_everything
 from qpeft.core.version import __version__
 
 
@@ -66,23 +65,43 @@ def plan(cfg: RunConfig) -> Plan:
         test = [e for e in validation if e.answer is not None]
     if cfg.eval_limit:
         validation, test = validation[:cfg.eval_limit], test[:cfg.eval_limit]
+    models.check(cfg.model)
     return Plan(quantizer, adapter, evaluators, train, validation, test)
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """The run directory: refused if it exists, unless resuming or overwriting."""
-    run_dir = cfg.run_dir
+def run_mode(cfg: RunConfig) -> str:
+    """"new", "resume" or "overwrite", decided before anything is loaded or written."""
+    run_dir = rundir.inside(cfg.output_dir, cfg.run_name)
     if cfg.resume:
         if not run_dir.is_dir():
             raise QpeftError(f"nothing to resume at {run_dir}; start it without --resume")
-        return run_dir
+        return "resume"
     if run_dir.exists():
         if not cfg.overwrite:
             raise QpeftError(f"{run_dir} exists; pass --resume to continue it, --overwrite to "
                              "replace it, or --name to choose another")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    return run_dir
+        return "overwrite"
+    return "new"
+
+
+def open_run_dir(cfg: RunConfig, mode: str, resolved: dict) -> Path:
+    """The run directory with ``config.json`` written; an overwritten run is swapped out
+    only now, after the new run has loaded its model (build beside, swap in)."""
+    text = json.dumps(resolved, indent=2, default=str)
+    if mode == "resume":
+        run_dir = cfg.run_dir
+        _write(run_dir / "config.json", text)
+        return run_dir
+    with rundir.Staged(cfg.run_dir) as staged:
+        _write(staged.path / "config.json", text)
+        return staged.commit()
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise rundir.disk_error(exc, str(path)) from None
 
 
 def plugin_record(plugin: Plugin) -> dict:
@@ -145,19 +164,26 @@ def evaluate_variants(p: Plan, model, ctx, facts, say) -> dict:
 
 
 def run(cfg: RunConfig, say=print) -> dict:
-    """Run the whole pipeline; returns the report (also written under the run directory)."""
+    """Run the whole pipeline; returns the report (also written under the run directory).
+
+    The run's name is locked for the life of the process; every input is checked and the
+    model loaded before anything under the run directory is written or replaced.
+    """
     p = plan(cfg)
+    rundir.inside(cfg.output_dir, cfg.run_name)
     world = distributed.current()
-    run_dir = prepare_run_dir(cfg) if world.is_main else cfg.run_dir
-    world.barrier()
+    if not world.is_main:   # rank 0 owns the directory; the others follow it
+        return _run_locked(cfg, p, world, "resume" if cfg.resume else "new", say)
+    with rundir.RunLock(cfg.output_dir, cfg.run_name):
+        return _run_locked(cfg, p, world, run_mode(cfg), say)
+
+
+def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     device = distributed.device_for(cfg.device)
     resolved = {"run": cfg.run_name, "qpeft_version": __version__, "config": cfg.to_dict(),
                 "quantizer": plugin_record(p.quantizer),
                 "adapter": {"spec": cfg.adapter, "parts": [plugin_record(a) for a in p.adapter.parts]},
                 "evaluators": [plugin_record(e) for e in p.evaluators]}
-    if world.is_main:
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-
     say(f"qpeft: loading {cfg.model or models.EMBEDDED} on {device}")
     model, tokenizer = models.load_model(cfg.model)
     size_before = model_bytes(model)
@@ -166,17 +192,20 @@ def run(cfg: RunConfig, say=print) -> dict:
                                keep_source=p.adapter.needs_source_weights)
     facts = {"model_mb_before": round(size_before / 2**20, 2),
              "quantize_seconds": round(time.perf_counter() - started, 2)}
+    run_dir = open_run_dir(cfg, mode, resolved) if world.is_main else cfg.run_dir
+    world.barrier()
 
     ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test)
 
     before_file = run_dir / "eval_before.json"
-    if cfg.resume and before_file.is_file():
+    if mode == "resume" and before_file.is_file():
         before = json.loads(before_file.read_text())
     else:
         before = evaluate(p.evaluators, ctx(stage="before", facts=dict(facts)), say)
         if world.is_main:
             before_file.write_text(json.dumps(before, indent=2))
 
+    seed_everything(cfg.train.seed)   # the adapter's initialisation is part of the run's seed
     p.adapter.attach(model)
     items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
     if cfg.packing:
@@ -189,8 +218,8 @@ def run(cfg: RunConfig, say=print) -> dict:
         return {"eval_loss": loss}
 
     trainer = Trainer(model, batches, cfg.train, run_dir, device, evaluate=validation_loss,
-                      hooks=[p.quantizer, *p.adapter.parts, *p.evaluators])
-    result = trainer.train(resume=cfg.resume)
+                      hooks=[p.quantizer, *p.adapter.parts, *p.evaluators], say=say)
+    result = trainer.train(resume=mode == "resume")
     facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
                  tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
 

@@ -8,10 +8,13 @@ Plugins act during training through one general hook: any plugin object of the r
 (quantizer, adapter parts, evaluators) that defines ``on_step_begin(step, model)`` is
 called before each optimizer step — QDyLoRA samples its rank there.
 """
+import contextlib
 import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -26,6 +29,22 @@ from qpeft.core.optim import build_optimizer, build_schedule
 
 class TrainingError(QpeftError):
     """Training cannot go on (a non-finite loss, say)."""
+
+
+class Interrupted(QpeftError):
+    """SIGINT or SIGTERM stopped training after a completed step and its checkpoint."""
+
+    prefix = "qpeft: "
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum        # 130 for SIGINT, 143 for SIGTERM
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (adapter init, dropout, sampling)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 @dataclasses.dataclass
@@ -79,8 +98,8 @@ class Trainer:
     """
 
     def __init__(self, model, batches, config: TrainConfig, run_dir: Path, device="cpu",
-                 hooks=(), evaluate=None):
-        self.model, self.batches, self.cfg = model, batches, config
+                 hooks=(), evaluate=None, say=print):
+        self.model, self.batches, self.cfg, self.say = model, batches, config, say
         self.run_dir, self.device = Path(run_dir), torch.device(device)
         self.hooks = [h for h in hooks if hasattr(h, "on_step_begin")]
         self.evaluate = evaluate
@@ -97,6 +116,7 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, config, self.total_steps)
         self.step, self.epoch, self.index = 0, 0, 0
         self.history: list = []
+        self.stop_signal: int | None = None
 
     def _total_steps(self) -> int:
         if self.cfg.steps > 0:
@@ -108,17 +128,29 @@ class Trainer:
     def train(self, resume: bool = False) -> TrainResult:
         from tqdm.auto import tqdm
 
-        torch.manual_seed(self.cfg.seed)
-        random.seed(self.cfg.seed)
+        seed_everything(self.cfg.seed)
+        if self.dist.is_main:
+            checkpoint.clean_temporaries(self.run_dir / "checkpoints")
         if resume:
             self._restore()
+        self.dist.broadcast(self.params)   # every process starts from rank 0's adapter
         if self.cfg.gradient_checkpointing:
             enable_checkpointing(self.model)
         self.model.train()
         memory.reset_peak(self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.cfg.progress or not self.dist.is_main)
-        started, tokens, loss = time.perf_counter(), 0, float("nan")
+        started = time.perf_counter()
+        with self._deferred_signals():
+            loss, tokens = self._loop(bar, started)
+        bar.close()
+        self.model.eval()
+        if self.cfg.save_every:
+            self._checkpoint_unless_saved()
+        return TrainResult(self.step, loss, time.perf_counter() - started, tokens, self.history)
+
+    def _loop(self, bar, started: float) -> tuple[float, int]:
+        tokens, loss = 0, float("nan")
         while self.step < self.total_steps:
             for hook in self.hooks:
                 hook.on_step_begin(self.step, self.model)
@@ -137,11 +169,51 @@ class Trainer:
                 self.model.train()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save_checkpoint()
-        bar.close()
-        self.model.eval()
-        if self.cfg.save_every and not (self.run_dir / "checkpoints" / f"step-{self.step:06d}").exists():
-            self.save_checkpoint()
-        return TrainResult(self.step, loss, time.perf_counter() - started, tokens, self.history)
+            if self._stop_requested():
+                bar.close()
+                self._stop()
+        return loss, tokens
+
+    # -- signals -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _deferred_signals(self):
+        """SIGINT/SIGTERM during training only raise a flag, read after the current step;
+        a second signal stops at once (the newest checkpoint is still intact)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        kinds = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in kinds}
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            if self.dist.is_main:
+                self.say(f"qpeft: {signal.Signals(signum).name} received; stopping after step "
+                         f"{self.step + 1} and saving a checkpoint (again to stop at once)")
+        for s in kinds:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s in kinds:
+                signal.signal(s, previous[s])
+
+    def _stop_requested(self) -> bool:
+        """True when any process received a stop signal (all processes stop at one step)."""
+        local = 0 if self.stop_signal is None else self.stop_signal
+        if self.dist.world == 1:
+            return bool(local)
+        return self.dist.max_int(local) > 0
+
+    def _stop(self):
+        if self.stop_signal is None:   # another process was signalled
+            self.stop_signal = signal.SIGTERM
+        self._checkpoint_unless_saved()
+        name = signal.Signals(self.stop_signal).name
+        raise Interrupted(self.stop_signal, f"{name}: stopped at step {self.step}/{self.total_steps} "
+                          f"with a checkpoint; continue with: qpeft run --resume {self.run_dir}")
 
     def _optimizer_step(self) -> tuple[float, int]:
         micro_batches = [self._next_batch() for _ in range(self.cfg.grad_accum)]
@@ -203,12 +275,19 @@ class Trainer:
                  "history": self.history}
         return checkpoint.save(self.run_dir / "checkpoints" / f"step-{self.step:06d}", state)
 
+    def _checkpoint_unless_saved(self) -> None:
+        if not (self.run_dir / "checkpoints" / f"step-{self.step:06d}").exists():
+            self.save_checkpoint()
+
     def _restore(self) -> None:
-        newest = checkpoint.latest(self.run_dir / "checkpoints")
-        if newest is None:
-            raise TrainingError(f"no complete checkpoint under {self.run_dir}/checkpoints; "
-                                "start again without --resume")
-        state = checkpoint.load(newest)
+        found = checkpoint.load_newest(self.run_dir / "checkpoints", say=self.say if self.dist.is_main else _quiet)
+        if found is None:
+            if self.dist.is_main:
+                self.say(f"qpeft: no usable checkpoint under {self.run_dir / 'checkpoints'}; "
+                         "restarting this run from step 0 in place")
+                (self.run_dir / "metrics.jsonl").write_text("")
+            return
+        _, state = found
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["weights"].items():
@@ -223,3 +302,7 @@ class Trainer:
         if self.dist.is_main:  # drop lines logged after that checkpoint by the killed run
             lines = "".join(json.dumps(r) + "\n" for r in self.history)
             (self.run_dir / "metrics.jsonl").write_text(lines)
+
+
+def _quiet(line: str) -> None:
+    """A ``say`` for processes other than rank 0."""

@@ -34,7 +34,10 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
     from qpeft.core import compare
     from qpeft.core.spec import split_list
 
+    from qpeft.core import models
+
     flags = run_flags(list(ctx.args))
+    models.check(model)                 # once, not in every cell
     for flag, value in (("--model", model), ("--data", data)):
         if value:
             flags += [flag, value]

@@ -26,7 +26,6 @@ def export_command(run_dir, out_dir, merge, rank, dtype, max_shard_size, overwri
       qpeft export runs/nf4-qdylora --rank 4 --out rank4-adapter
       qpeft export runs/nf4-dora --merge --dtype bfloat16 --out merged-model
     """
-    import shutil
     from pathlib import Path
 
     import torch
@@ -34,19 +33,22 @@ def export_command(run_dir, out_dir, merge, rank, dtype, max_shard_size, overwri
     from qpeft.core.errors import QpeftError
     from qpeft.core.pipeline import adapter_meta
     from qpeft.core.rebuild import rebuild
+    from qpeft.core.rundir import Staged, refuse_overlap
 
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise QpeftError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-        shutil.rmtree(out)
-    built = rebuild(run_dir, rank=rank)
+    refuse_overlap(out, run_dir, "the run directory")
+    if out.exists() and not overwrite:
+        raise QpeftError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    built = rebuild(run_dir, rank=rank)      # checks --rank and loads before --out is touched
     method = built.composition.method
-    if merge:
-        merged = method.merge(built.model, getattr(torch, dtype))
-        merged.save_pretrained(out, max_shard_size=max_shard_size)
-        built.tokenizer.save_pretrained(out)
-        click.echo(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)", err=True)
-    else:
-        method.save(built.model, out, adapter_meta(built.resolved))
-        click.echo(f"adapter written to {out} (PEFT format; qpeft_adapter.json has the rest)", err=True)
+    with Staged(out) as staged:             # the old --out stays until the new one is written
+        if merge:
+            merged = method.merge(built.model, getattr(torch, dtype))
+            merged.save_pretrained(staged.path, max_shard_size=max_shard_size)
+            built.tokenizer.save_pretrained(staged.path)
+            done = "merged model written to {} (load it with AutoModelForCausalLM.from_pretrained)"
+        else:
+            method.save(built.model, staged.path, adapter_meta(built.resolved))
+            done = "adapter written to {} (PEFT format; qpeft_adapter.json has the rest)"
+        staged.commit()
+    click.echo(done.format(out), err=True)

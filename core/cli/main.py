@@ -3,6 +3,7 @@
 Every user error (a :class:`QpeftError` or a click usage error) is printed as one line on
 stderr with exit status 2; ``--debug`` (or ``QPEFT_DEBUG=1``) shows the traceback instead.
 """
+import errno
 import os
 import sys
 
@@ -15,7 +16,11 @@ from qpeft.core.cli.list_cmd import list_command
 from qpeft.core.cli.run_cmd import run_command
 from qpeft.core.cli.quantize_cmd import quantize_command
 from qpeft.core.errors import QpeftError
+from qpeft.core.rundir import disk_error
 from qpeft.core.version import __version__
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 
 
 class QpeftGroup(click.Group):
@@ -42,8 +47,13 @@ class QpeftGroup(click.Group):
         except QpeftError as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"{exc.prefix}{exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:   # a full disk or an unwritable path that no command foresaw
+            if debug or exc.errno not in DISK_ERRORS:
+                raise
+            click.echo(f"Error: {disk_error(exc, exc.filename or 'a file')}", err=True)
+            sys.exit(2)
         sys.exit(code if isinstance(code, int) else 0)
 
 
