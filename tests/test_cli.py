@@ -58,3 +58,16 @@ def test_debug_shows_the_traceback():
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.startswith("qpeft, version ")
+
+
+def test_eval_export_quantize_check_their_options_before_loading():
+    cases = [(("eval", "/no/run", "--device", "bogus"), "must be auto, cpu, cuda, cuda:N or mps, got 'bogus'"),
+             (("eval", "/no/run", "--limit", "-1"), "'--limit': -1 is not in the range x>=0"),
+             (("eval", "/no/run", "--rank", "0"), "'--rank': 0 is not in the range x>=1"),
+             (("export", "/tmp", "--out", "x", "--rank", "-2"), "'--rank': -2 is not in the range x>=1"),
+             (("quantize", "--device", "cuda:x"), "got 'cuda:x'")]
+    for args, expected in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2, args
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, lines)

@@ -1,13 +1,15 @@
 """``qpeft eval``: evaluate a finished run again — other evaluators, another rank, more data."""
 import click
 
+from qpeft.core.cli import params
+
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--evaluators", help="comma-separated evaluator specs [default: the run's own]")
-@click.option("--rank", type=int, help="evaluate a dynamic-rank adapter (qdylora) at this rank ≤ its saved rank")
-@click.option("--limit", type=int, help="at most N examples per split, 0 for all [default: the run's --eval-limit]")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto")
+@click.option("--rank", type=params.RANK, help="evaluate a dynamic-rank adapter (qdylora) at this rank ≤ its saved rank")
+@click.option("--limit", type=params.COUNT, help="at most N examples per split, 0 for all [default: the run's --eval-limit]")
+@click.option("--device", default="auto", show_default=True, callback=params.device, help="cpu, cuda, cuda:1 or auto")
 def eval_command(run_dir, evaluators, rank, limit, device):
     """Rebuild RUN_DIR's quantized model and saved adapter, and evaluate it.
 

@@ -1,6 +1,8 @@
 """``qpeft export``: a finished run's adapter (at any rank) or its merged full model."""
 import click
 
+from qpeft.core.cli import params
+
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
 
@@ -11,7 +13,7 @@ DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 @click.option("--merge", is_flag=True,
               help="Fold the adapter into the dequantized base and save a full model "
                    "(sharded safetensors + tokenizer) that transformers loads.")
-@click.option("--rank", type=int, default=None,
+@click.option("--rank", type=params.RANK, default=None,
               help="Export a dynamic-rank adapter (qdylora) at this rank ≤ its trained rank.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
               help="Weight dtype of a merged model.")

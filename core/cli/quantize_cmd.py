@@ -13,6 +13,8 @@ import time
 
 import click
 
+from qpeft.core.cli import params
+
 from qpeft.core import registry
 from qpeft.core.errors import OptionsError
 from qpeft.core.spec import format_spec, parse
@@ -106,7 +108,7 @@ def render(report: dict, spec: str, layers: bool) -> str:
               help="Quantizer as name[:key=value...], e.g. hqq:nbits=2 or nf4:double_quant=false.")
 @click.option("--model", "model_spec", default=None, metavar="MODEL",
               help="Hugging Face id or directory, a .gguf file, or 'tiny'; default: the embedded model.")
-@click.option("--device", default="cpu", show_default=True, help="Where to quantize (cpu, cuda, ...).")
+@click.option("--device", default="cpu", show_default=True, callback=params.device, help="Where to quantize (cpu, cuda, ...).")
 @click.option("--layers", is_flag=True, help="Also list every layer's bytes/weight and error.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def quantize_command(spec: str, model_spec: str | None, device: str, layers: bool, as_json: bool) -> None:
