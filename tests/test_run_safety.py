@@ -29,8 +29,9 @@ def one_line_error(result, after_progress=False) -> str:
     """The single error line on stderr (after the progress lines, when the error came late)."""
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    if after_progress:
-        lines = [line for line in lines if not line.startswith("qpeft: ")]
+    if after_progress:   # progress lines and bars come first; the error is the last line, alone
+        assert sum("Error" in line for line in lines) == 1, lines
+        lines = lines[-1:]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, lines
     return lines[0]
 
@@ -174,3 +175,16 @@ def test_resume_falls_back_past_a_damaged_checkpoint(finished, tmp_path):
     a = load_file(run / "adapter" / "adapter_model.safetensors")
     b = load_file(copy / "adapter" / "adapter_model.safetensors")
     assert all(a[k].equal(b[k]) for k in a)               # step 3 redone from step 2: same weights
+
+
+def test_a_full_disk_anywhere_in_a_run_is_one_line(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    from qpeft.core import report
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x" / "report.json"))
+    monkeypatch.setattr(report, "write", full)
+    line = one_line_error(invoke(*tiny_run(tiny_dir, tmp_path, "x")), after_progress=True)
+    assert line == f"Error: cannot write {tmp_path / 'x' / 'report.json'}: No space left on device; free some space"
+    assert (tmp_path / "x" / "checkpoints" / "step-000003" / "COMPLETE").is_file()   # earlier work kept
