@@ -63,6 +63,10 @@ def locate(spec: str | None) -> Path | str:
     directory with config.json, or a hub id (a str); a one-line error for a missing path."""
     if spec in (None, "", DEFAULT_MODEL, EMBEDDED):
         return embedded_gguf()
+    if spec == "tiny":   # the random two-layer test model (qpeft.testing.tiny_model_dir)
+        from qpeft.core.testing import tiny_model_dir
+
+        return Path(tiny_model_dir())
     try:
         path = Path(spec).expanduser()
     except RuntimeError:  # ~nosuchuser/...

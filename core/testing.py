@@ -1,8 +1,10 @@
 """A tiny random Llama-architecture model with the embedded model's real tokenizer.
 
 For fast tests — qpeft's own and plugin authors'. Building it takes well under a second
-once the embedded model's conversion is cached.
+once the embedded model's conversion is cached; ``--model tiny`` (any command) loads the
+copy :func:`tiny_model_dir` keeps in the cache.
 """
+TINY = "tiny"
 
 
 def tiny_model(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
@@ -43,3 +45,32 @@ def save_tiny_model(directory, **kwargs) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def tiny_model_dir() -> str:
+    """A saved :func:`tiny_model` (seed 0) with the real tokenizer, built once under
+    ``$QPEFT_CACHE/models/`` (atomically: a half-written copy is never used) — what
+    ``--model tiny`` loads, offline, in about a second."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from qpeft.core.models import cache_dir
+    from qpeft.core.version import __version__
+
+    target = cache_dir() / "models" / f"{TINY}-{__version__}"
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TINY}-"))
+    try:
+        save_tiny_model(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:       # another process finished first: use its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

@@ -233,3 +233,24 @@ def test_cli_run_with_a_missing_model_directory_is_one_line(monkeypatch, tmp_pat
     assert result.stderr.strip().splitlines() == ["Error: no such model directory: ./typo; pass a directory with config.json, a .gguf file, "
                      "or omit --model for the embedded default"]
     assert not any((tmp_path / "runs").glob("*"))  # no run directory was written
+
+
+def test_model_tiny_is_built_once_offline_and_runs(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from qpeft.core.cli.main import cli
+    from qpeft.testing import tiny_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = tiny_model_dir()
+    started = time.perf_counter()
+    assert tiny_model_dir() == first and time.perf_counter() - started < 0.1   # cached
+    model, _ = models.load_model("tiny")
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    result = CliRunner().invoke(cli, ["run", "--model", "tiny", "--quant", "none:compute_dtype=float32",
+                                      "--evaluators", "perplexity", "--eval-limit", "2", "--steps", "2",
+                                      "--batch-size", "2", "--output-dir", str(tmp_path), "--name", "t"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["training"]["steps"] == 2
