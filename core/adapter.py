@@ -54,6 +54,19 @@ class Adapter(Plugin):
         """Fold the adapter into the dequantized base: a plain full-precision model."""
         raise NotImplementedError
 
+    # -- reading adapters written by other tools (optional) ----------------------------
+    @classmethod
+    def from_peft_config(cls, config: dict) -> dict | None:
+        """This plugin's option values for a Hugging Face PEFT ``adapter_config.json``, or
+        None when the plugin does not take part in that adapter.
+
+        Asked of every registered adapter class that defines it itself (an inherited one is
+        not asked), with ``target_modules``/``feedforward_modules`` already resolved to
+        lists that the ``targets`` option accepts. One method and any modifiers may claim a
+        config; a field set in it that no claiming plugin reads is refused
+        (``qpeft.plugins.adapters._peft_import``)."""
+        return None
+
 
 class Composition:
     """One method and the modifiers filling its slots, as built from a spec."""

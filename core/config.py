@@ -32,7 +32,8 @@ class RunConfig:
     validation_split: float = 0.2
     packing: bool = False
     quant: str = "nf4"
-    adapter: str = "lora"
+    adapter: str = "lora"              # "" with init_adapter: the spec comes from that directory
+    init_adapter: str | None = None    # an adapter directory (PEFT format) whose weights training starts from
     evaluators: str = "perplexity,accuracy,prompts,footprint"
     eval_limit: int = 0                # 0: every example
     name: str | None = None
@@ -44,7 +45,8 @@ class RunConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.quant}-{self.adapter}".replace(":", "_").replace("=", "")
+        adapter = f"init-{Path(self.init_adapter).resolve().name}" if self.init_adapter else self.adapter
+        return self.name or f"{self.quant}-{adapter}".replace(":", "_").replace("=", "")
 
     @property
     def run_dir(self) -> Path:
@@ -138,6 +140,8 @@ def build(file: str | None, flags: dict, base: dict | None = None) -> RunConfig:
         cfg = RunConfig(train=TrainConfig(**train_kwargs), **kwargs)
     except (TypeError, ValueError) as exc:
         raise OptionsError("; ".join([*errors, str(exc)])) from None
+    if cfg.init_adapter and "adapter" not in values:
+        cfg.adapter = ""            # not given: pipeline.plan takes it from --init-adapter
     errors += range_errors(cfg)
     device_given = any(str(k).replace("-", "_") == "device" for k in given)
     errors += filter(None, [device_problem(cfg.device, available=device_given)])

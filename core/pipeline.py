@@ -39,6 +39,7 @@ class Plan:
     train: list
     validation: list
     test: list
+    init: object = None            # --init-adapter: the adapter directory read and checked (_peft_import)
 
 
 def build_plugin(kind: str, spec: str, reg) -> Plugin:
@@ -54,7 +55,8 @@ def plan(cfg: RunConfig) -> Plan:
     """Resolve plugins and load data; fails fast with one-line errors."""
     reg = registry.default()
     quantizer = build_plugin("quantizer", cfg.quant, reg)
-    adapter = compose(cfg.adapter, reg)
+    init = init_adapter(cfg, reg) if cfg.init_adapter else None
+    adapter = init.composition if init else compose(cfg.adapter, reg)
     evaluators = [build_plugin("evaluator", s, reg) for s in split_list(cfg.evaluators)]
     if cfg.data is None:
         train, validation = datasets.split(datasets.bundled("train"), cfg.validation_split, cfg.train.seed)
@@ -66,7 +68,17 @@ def plan(cfg: RunConfig) -> Plan:
     if cfg.eval_limit:
         validation, test = validation[:cfg.eval_limit], test[:cfg.eval_limit]
     models.check(cfg.model)
-    return Plan(quantizer, adapter, evaluators, train, validation, test)
+    return Plan(quantizer, adapter, evaluators, train, validation, test, init)
+
+
+def init_adapter(cfg: RunConfig, reg):
+    """The adapter directory of ``--init-adapter``, read and checked before the model loads
+    (PEFT's format, from any tool); the run's adapter spec becomes the one it amounts to."""
+    from qpeft.plugins.adapters import _peft_import
+
+    init = _peft_import.read(cfg.init_adapter, reg, given=cfg.adapter)
+    cfg.adapter = init.spec
+    return init
 
 
 def run_mode(cfg: RunConfig) -> str:
@@ -207,6 +219,8 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
 
     seed_everything(cfg.train.seed)   # the adapter's initialisation is part of the run's seed
     p.adapter.attach(model)
+    if p.init is not None:            # --init-adapter: start from its weights
+        p.init.load(model)
     items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
     if cfg.packing:
         items = pack(items, cfg.max_length, cfg.train.seed)

@@ -4,6 +4,9 @@
                         ─▶ load_model ─▶ quantizer (the recorded name and options)
     RUN_DIR/adapter/    ─▶ assemble the recorded adapter parts, attach, Adapter.load (tensors)
 
+    ADAPTER_DIR (PEFT's format, from any tool; read and checked by pipeline.plan as
+    --init-adapter) ─▶ --model, --quant ─▶ attach the spec it amounts to, load its tensors
+
 The quantizer is rebuilt from its recorded options rather than the spec typed, so a
 default that changed between versions does not silently change the model. ``--rank``
 goes through the optional method hook ``select_rank(model, rank)`` (QDyLoRA has it).
@@ -48,9 +51,7 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None) -> Rebuilt:
     quantizer = reg.get("quantizer", record["name"]).from_values(record["options"])
     adapter = resolved["adapter"]
     composition = assemble([(part["name"], part["options"]) for part in adapter["parts"]], reg, adapter["spec"])
-    if rank is not None and not hasattr(composition.method, "select_rank"):
-        raise QpeftError(f"--rank needs a dynamic-rank adapter such as qdylora; this run used "
-                         f"'{adapter['spec']}'; drop --rank")
+    check_rank(composition, rank, f"this run used '{adapter['spec']}'")
     model, tokenizer = models.load_model(cfg.model)
     quantizer.quantize_model(model, device=device, progress=False,
                              keep_source=composition.needs_source_weights)
@@ -60,3 +61,31 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None) -> Rebuilt:
     if rank is not None:
         composition.method.select_rank(model, rank)
     return Rebuilt(run_dir, resolved, cfg, model, tokenizer, composition, rank)
+
+
+def check_rank(composition, rank: int | None, used: str) -> None:
+    """``--rank`` only for a method with the ``select_rank`` hook (checked before loading)."""
+    if rank is not None and not hasattr(composition.method, "select_rank"):
+        raise QpeftError(f"--rank needs a dynamic-rank adapter such as qdylora; {used}; drop --rank")
+
+
+def onto_base(cfg, plan, device: str = "cpu", rank: int | None = None) -> Rebuilt:
+    """``cfg.model`` quantized by the plan's quantizer, with the adapter directory that
+    ``pipeline.plan`` read (``plan.init``: ``cfg.init_adapter``) attached and loaded."""
+    from qpeft.core.pipeline import plugin_record
+    from qpeft.core.version import __version__
+
+    init = plan.init
+    check_rank(plan.adapter, rank, f"{init.directory} holds '{plan.adapter.method.name}'")
+    model, tokenizer = models.load_model(cfg.model)
+    plan.quantizer.quantize_model(model, device=device, progress=False,
+                                  keep_source=plan.adapter.needs_source_weights)
+    plan.adapter.attach(model)
+    init.load(model)
+    model.to(device).eval()
+    if rank is not None:
+        plan.adapter.method.select_rank(model, rank)
+    resolved = {"run": None, "qpeft_version": __version__, "config": cfg.to_dict(),
+                "quantizer": plugin_record(plan.quantizer),
+                "adapter": {"spec": init.spec, "parts": [plugin_record(a) for a in plan.adapter.parts]}}
+    return Rebuilt(Path(init.directory), resolved, cfg, model, tokenizer, plan.adapter, rank)

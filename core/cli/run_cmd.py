@@ -4,9 +4,12 @@ import click
 from qpeft.core import config as run_config
 
 SETTINGS = [  # (flag, type, help) — the field is the flag with '_' for '-'
-    ("--model", str, "Hugging Face id or directory, or a .gguf file [default: embedded SmolLM2-135M-Instruct]"),
+    ("--model", str, "Hugging Face id or directory, a .gguf file, or tiny (a random 2-layer test model) [default: embedded SmolLM2-135M-Instruct]"),
     ("--quant", str, "quantizer spec, e.g. nf4, hqq:nbits=2, none [default: nf4]"),
     ("--adapter", str, "adapter spec, e.g. lora, dora+loftq, lora:r=8+rslora [default: lora]"),
+    ("--init-adapter", click.Path(file_okay=False), "start from this adapter directory's weights: PEFT's format "
+     "(adapter_config.json + adapter_model.safetensors) from PEFT, Unsloth, axolotl, LLaMA-Factory or qpeft; "
+     "the adapter spec comes from it"),
     ("--data", click.Path(dir_okay=False), "training data: Alpaca, chat or text JSON/JSONL [default: bundled edge tasks]"),
     ("--validation-data", click.Path(dir_okay=False), "explicit validation file [default: seeded 80/20 split]"),
     ("--data-format", click.Choice(["auto", "alpaca", "chat", "text"]), "format of --data [default: auto]"),
@@ -60,6 +63,7 @@ def run_command(run_dir, config_file, **flags):
       qpeft run                                    # embedded model, nf4 + lora, bundled data
       qpeft run --quant nf4 --adapter dora
       qpeft run --quant hqq:nbits=2 --adapter lora+rslora --data train.jsonl
+      qpeft run --init-adapter ./my-peft-lora --quant nf4   # continue another tool's adapter
       qpeft run --resume runs/nf4-lora             # continue after an interruption
     """
     from qpeft.core import pipeline

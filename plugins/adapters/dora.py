@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qpeft import hookimpl
-from qpeft.plugins.adapters.lora import LoRA, LoRALinear
+from qpeft.plugins.adapters.lora import LoRA, LoRALinear, low_rank_values
 
 
 class DoRALinear(LoRALinear):
@@ -79,6 +79,13 @@ class DoRA(LoRA):
     name = "dora"
     description = "DoRA: LoRA on the direction plus a learned magnitude per row (Liu et al. 2024)"
     layer_cls = DoRALinear
+
+    @classmethod
+    def from_peft_config(cls, config: dict) -> dict | None:
+        """Options for a PEFT LoRA adapter with ``use_dora`` true."""
+        if config.get("peft_type") != "LORA" or not config.get("use_dora"):
+            return None
+        return low_rank_values(config)
 
     def peft_config(self, model: nn.Module) -> dict:
         return {**super().peft_config(model), "use_dora": True}

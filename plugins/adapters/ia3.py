@@ -104,6 +104,13 @@ class IA3(AdapterMethod):
         self.modifiers = []
         mark_trainable(model)
 
+    @classmethod
+    def from_peft_config(cls, config: dict) -> dict | None:
+        """Options for a PEFT IA³ adapter: its ``target_modules`` and ``feedforward_modules``."""
+        if config.get("peft_type") != "IA3":
+            return None
+        return {"targets": config["target_modules"], "feedforward": config.get("feedforward_modules") or []}
+
     def peft_config(self, model: nn.Module) -> dict:
         layers = [n for n, m in model.named_modules() if isinstance(m, IA3Input)]
         return {"peft_type": self.peft_type, "init_ia3_weights": True,

@@ -355,6 +355,13 @@ class LoRA(AdapterMethod):
         self.modifiers = list(modifiers)
         mark_trainable(model)
 
+    @classmethod
+    def from_peft_config(cls, config: dict) -> dict | None:
+        """Options for a PEFT LoRA adapter (``peft_type`` LORA, ``use_dora`` false)."""
+        if config.get("peft_type") != "LORA" or config.get("use_dora"):
+            return None
+        return low_rank_values(config)
+
     def peft_config(self, model: nn.Module) -> dict:
         """LoRA's ``adapter_config.json`` fields; a modifier may add its own through an
         optional ``peft_config(config: dict)`` method (rsLoRA sets ``use_rslora``)."""
@@ -366,6 +373,13 @@ class LoRA(AdapterMethod):
         for modifier in getattr(self, "modifiers", []):
             getattr(modifier, "peft_config", lambda c: None)(config)
         return config
+
+
+def low_rank_values(config: dict) -> dict:
+    """``r``, ``alpha``, ``dropout`` and ``targets`` from a PEFT LoRA config (PEFT's defaults
+    where a field is absent: r=8, lora_alpha=8, lora_dropout=0)."""
+    return {"r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
+            "dropout": config.get("lora_dropout") or 0.0, "targets": config["target_modules"]}
 
 
 def _filling(modifiers: list[Adapter], slot: str):

@@ -45,6 +45,12 @@ class OLoRA(Adapter):
         """PEFT re-runs the same decomposition on load when told so."""
         config["init_lora_weights"] = "olora"
 
+    @classmethod
+    def from_peft_config(cls, config: dict) -> dict | None:
+        """Taken for ``init_lora_weights: "olora"``: PEFT rewrote the base with the same
+        decomposition, which loading runs again before the tensors are copied in."""
+        return {} if config.get("init_lora_weights") == "olora" else None
+
 
 @hookimpl
 def register_adapters(register):

@@ -27,6 +27,11 @@ class RsLoRA(Adapter):
         """PEFT's name for the same rule."""
         config["use_rslora"] = True
 
+    @classmethod
+    def from_peft_config(cls, config: dict) -> dict | None:
+        """Taken when a PEFT config sets ``use_rslora``."""
+        return {} if config.get("use_rslora") else None
+
 
 @hookimpl
 def register_adapters(register):
