@@ -22,6 +22,7 @@ class EvalContext:
     encode: Any = None          # Example -> {"input_ids", "labels"} with the run's template
     prompt_ids: Any = None      # Example -> prompt token ids for generation (same template)
     facts: dict = dataclasses.field(default_factory=dict)       # sizes, memory, runtime so far
+    limit: int = 0              # the run's --eval-limit (0: all), for evaluators with data of their own
 
 
 class Evaluator(Plugin):

@@ -132,7 +132,7 @@ def encoder(cfg: RunConfig, tokenizer):
 
 def eval_context(cfg: RunConfig, model, tokenizer, device, validation: list, test: list):
     """A factory of :class:`EvalContext` for this model: call it with ``stage`` and ``facts``."""
-    return partial(EvalContext, model=model, tokenizer=tokenizer, device=device,
+    return partial(EvalContext, model=model, tokenizer=tokenizer, device=device, limit=cfg.eval_limit,
                    validation=validation, test=test, encode=encoder(cfg, tokenizer),
                    prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=_template(cfg)))
 

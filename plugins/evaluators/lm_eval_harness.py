@@ -41,8 +41,8 @@ class LmEvalOptions:
                               "lm-eval task or group names (on the command line one name; see the docs)")
     include_path: str = option("", "folder of task YAMLs, searched with the bundled qpeft_* tasks")
     num_fewshot: int | None = option(None, "examples before each question; none: the task's own (0 if unset)")
-    limit: int | None = option(None, f"at most N documents per task; 0: all; none: {DEFAULT_LIMIT} (or the "
-                                     "run's --eval-limit, where the run passes it to evaluators)")
+    limit: int | None = option(None, f"at most N documents per task; 0: all; none: the run's --eval-limit, "
+                                     f"or {DEFAULT_LIMIT} when that is 0")
     batch_size: int = option(8, "sequences per forward pass or generation batch")
     max_length: int = option(0, "tokens the model reads (cut from the left); 0: its context, at most 2048")
     max_gen_toks: int = option(256, "tokens generated when a task does not set max_gen_toks")
@@ -82,7 +82,7 @@ class LmEval(Evaluator):
     def evaluate(self, ctx):
         harness = import_harness()
         o = self.options
-        limit = o.limit if o.limit is not None else getattr(ctx, "limit", 0) or DEFAULT_LIMIT
+        limit = o.limit if o.limit is not None else ctx.limit or DEFAULT_LIMIT
         context = min(getattr(ctx.model.config, "max_position_embeddings", 2048), 2048)
         lm = harness.QpeftLM(ctx.model, ctx.tokenizer, ctx.device, o.batch_size,
                              o.max_length or context, o.max_gen_toks)
