@@ -66,6 +66,8 @@ def parse_pairs(pairs, owner: str) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise OptionsError(f"{owner}: expected key=value, got '{pair}'")
+        if key.strip() in out:
+            raise OptionsError(f"{owner}: option '{key.strip()}' is given twice; keep one")
         out[key.strip()] = value.strip()
     return out
 

@@ -17,7 +17,7 @@ import traceback
 import pluggy
 
 from qpeft.core import hookspecs
-from qpeft.core.errors import PluginLoadError, QpeftError, UnknownPluginError, unknown
+from qpeft.core.errors import PluginLoadError, QpeftError, UnknownPluginError, closest, unknown
 from qpeft.core.plugin import Origin, Plugin
 from qpeft.core.version import __version__
 
@@ -80,9 +80,22 @@ class Registry:
 
     def _try(self, name: str, origin: Origin, load) -> None:
         try:
-            self.add(load(), origin, name=f"{origin.distribution}:{name}")
+            plugin_object = load()
+            self.add(plugin_object, origin, name=f"{origin.distribution}:{name}")
+            self._check_hooks(plugin_object)
         except Exception as exc:  # a broken plugin never takes the others down
             self._fail(name, origin, exc)
+
+    def _check_hooks(self, plugin_object) -> None:
+        """Refuse a hook implementation no spec declares (a misspelled ``register_adaptors``
+        would otherwise register nothing, silently) — pluggy's ``check_pending``, per plugin."""
+        for caller in self.pm.get_hookcallers(plugin_object) or ():
+            if caller.spec is None:
+                self.pm.unregister(plugin_object)
+                near = closest(caller.name, KINDS.values())
+                raise QpeftError(f"it implements '{caller.name}', which is not a qpeft hook"
+                                 + (f"; did you mean '{near}'?" if near else
+                                    f"; the hooks are {', '.join(KINDS.values())}"))
 
     def _fail(self, name: str, origin: Origin, exc: BaseException) -> None:
         failure = Failure(name, origin, f"{type(exc).__name__}: {exc}", traceback.format_exc())

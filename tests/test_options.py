@@ -62,3 +62,10 @@ def test_spec_grammar():
         spec.parse("lora:r")
     with pytest.raises(OptionsError, match="empty component"):
         spec.parse("lora++rslora")
+
+
+def test_a_repeated_option_key_is_refused():
+    from qpeft.core.spec import parse
+
+    with pytest.raises(OptionsError, match="'lora': option 'r' is given twice; keep one"):
+        parse("lora:r=4:r=8")

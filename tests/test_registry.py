@@ -77,6 +77,22 @@ def test_strict_mode_makes_a_broken_plugin_fatal(site, monkeypatch):
         registry.Registry()
 
 
+MISSPELLED = GOOD.replace("def register_evaluators", "def register_evaluator")
+
+
+def test_a_misspelled_hook_is_reported_by_name_and_fatal_when_strict(site, monkeypatch, capsys):
+    make_distribution(site, "qpeft-plugin-echo", "1.0", "qpeft_echo_typo", MISSPELLED, "echo")
+    reg = registry.Registry()
+    [failure] = reg.failures
+    assert failure.name == "echo" and failure.origin.distribution == "qpeft-plugin-echo"
+    assert failure.error == ("QpeftError: it implements 'register_evaluator', which is not a qpeft hook; "
+                             "did you mean 'register_evaluators'?")
+    assert "plugin 'echo' from qpeft-plugin-echo 1.0 failed to load" in capsys.readouterr().err
+    monkeypatch.setenv("QPEFT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginLoadError, match="register_evaluator'.*QPEFT_STRICT_PLUGINS=1"):
+        registry.Registry()
+
+
 def test_disable_autoload_loads_builtins_only(site, monkeypatch):
     make_distribution(site, "qpeft-plugin-echo", "1.0", "qpeft_echo", GOOD, "echo")
     monkeypatch.setenv("QPEFT_DISABLE_PLUGIN_AUTOLOAD", "1")
@@ -123,3 +139,14 @@ def test_public_facade():
     assert public.names("quantizer") == registry.names("quantizer")
     assert public.get("quantizer", "none").origin.distribution == "qpeft"
     assert isinstance(public.failures(), list)
+
+
+def test_a_bare_import_reaches_registry_and_testing_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, qpeft; assert 'torch' not in sys.modules; "
+            "assert callable(qpeft.registry.names) and callable(qpeft.testing.tiny_model_dir); "
+            "assert 'torch' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
