@@ -1,6 +1,6 @@
 """The run pipeline: load → quantize → evaluate → adapt → train → evaluate → save → report.
 
-    model spec ─▶ load_model ─▶ Quantizer.quantize_model ─▶ evaluators ("before")
+    model spec ─▶ streaming.load_quantized (each layer quantized as it is read) ─▶ evaluators ("before")
                ─▶ Composition.attach ─▶ Trainer.train ─▶ evaluators ("after")
                ─▶ adapter/ + config.json + metrics.jsonl + report.{json,md} + loss.png
 
@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from qpeft.core import data as datasets
-from qpeft.core import distributed, memory, models, registry, report, rundir, templates
+from qpeft.core import distributed, memory, models, registry, report, rundir, streaming, templates
 from qpeft.core.adapter import compose
 from qpeft.core.batch_source import EncodedBatches
 from qpeft.core.batching import pack
@@ -23,7 +23,6 @@ from qpeft.core.config import RunConfig
 from qpeft.core.errors import QpeftError
 from qpeft.core.evaluator import EvalContext
 from qpeft.core.plugin import Plugin
-from qpeft.core.quantizer import model_bytes
 from qpeft.core.spec import parse, split_list
 from qpeft.core.trainer import Trainer, seed_everything
 from qpeft.core.version import __version__
@@ -197,13 +196,10 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
                 "adapter": {"spec": cfg.adapter, "parts": [plugin_record(a) for a in p.adapter.parts]},
                 "evaluators": [plugin_record(e) for e in p.evaluators]}
     say(f"qpeft: loading {cfg.model or models.EMBEDDED} on {device}")
-    model, tokenizer = models.load_model(cfg.model)
-    size_before = model_bytes(model)
-    started = time.perf_counter()
-    p.quantizer.quantize_model(model, device=device, progress=world.is_main,
-                               keep_source=p.adapter.needs_source_weights)
-    facts = {"model_mb_before": round(size_before / 2**20, 2),
-             "quantize_seconds": round(time.perf_counter() - started, 2)}
+    model, tokenizer, loaded = streaming.load_quantized(cfg.model, p.quantizer, device, progress=world.is_main,
+                                                        keep_source=p.adapter.needs_source_weights)
+    facts = {"model_mb_before": round(loaded["model_mb_before"], 2),
+             "quantize_seconds": round(loaded["quantize_seconds"], 2)}
     run_dir = open_run_dir(cfg, mode, resolved) if world.is_main else cfg.run_dir
     world.barrier()
 

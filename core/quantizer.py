@@ -114,25 +114,38 @@ class Quantizer(Plugin):
         targets = self.targets(model)
         for name, parent, attr, linear in tqdm(targets, desc=f"quantizing ({self.name})",
                                                disable=not progress, unit="layer"):
-            linear = linear.to(device)
-            w = linear.weight.detach()
-            layer = self.quantize_linear(linear)
-            err = None
-            if measure:
-                err = (torch.linalg.norm(w.float() - layer.dequantize().to(w.device))
-                       / torch.linalg.norm(w.float())).item()
-            stats.append(LayerStats(name, w.numel(), w.numel() * w.element_size()
-                                    + _bias_bytes(linear), layer.storage_bytes(), err))
-            if keep_source:
-                layer.source_weight = w.to("cpu", copy=True)
+            layer, layer_stats = self.quantize_one(name, linear, device, measure, keep_source)
+            stats.append(layer_stats)
             setattr(parent, attr, layer)
-            del linear, w
+            del linear
         for module in model.modules():
             if not isinstance(module, QuantizedLinear):
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(False)
         cast_unquantized(model, self.compute_dtype, device)
         return stats
+
+    def quantize_one(self, name: str, linear: nn.Linear, device: str | torch.device = "cpu",
+                     measure: bool = False, keep_source: bool = False
+                     ) -> tuple[QuantizedLinear, LayerStats]:
+        """``linear`` moved to ``device`` and quantized, with its :class:`LayerStats`.
+
+        The one per-layer step of both :meth:`quantize_model` and the streaming loader
+        (:mod:`qpeft.core.streaming`). ``measure`` and ``keep_source`` as there; the caller
+        drops ``linear`` afterwards, which frees the full-precision weight.
+        """
+        linear = linear.to(device)
+        w = linear.weight.detach()
+        layer = self.quantize_linear(linear)
+        err = None
+        if measure:
+            err = (torch.linalg.norm(w.float() - layer.dequantize().to(w.device))
+                   / torch.linalg.norm(w.float())).item()
+        stats = LayerStats(name, w.numel(), w.numel() * w.element_size() + _bias_bytes(linear),
+                           layer.storage_bytes(), err)
+        if keep_source:
+            layer.source_weight = w.to("cpu", copy=True)
+        return layer, stats
 
 
 def _bias_bytes(linear: nn.Linear) -> int:

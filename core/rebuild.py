@@ -1,7 +1,7 @@
 """Rebuilding a finished run's adapted model from its run directory, to evaluate or export it.
 
     RUN_DIR/config.json ─▶ RunConfig (model, data, template, eval split)
-                        ─▶ load_model ─▶ quantizer (the recorded name and options)
+                        ─▶ streaming.load_quantized with the quantizer (recorded name and options)
     RUN_DIR/adapter/    ─▶ assemble the recorded adapter parts, attach, Adapter.load (tensors)
 
     ADAPTER_DIR (PEFT's format, from any tool; read and checked by pipeline.plan as
@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from qpeft.core import config as run_config
-from qpeft.core import models, registry
+from qpeft.core import registry, streaming
 from qpeft.core.adapter import assemble
 from qpeft.core.errors import QpeftError
 
@@ -52,9 +52,8 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None) -> Rebuilt:
     adapter = resolved["adapter"]
     composition = assemble([(part["name"], part["options"]) for part in adapter["parts"]], reg, adapter["spec"])
     check_rank(composition, rank, f"this run used '{adapter['spec']}'")
-    model, tokenizer = models.load_model(cfg.model)
-    quantizer.quantize_model(model, device=device, progress=False,
-                             keep_source=composition.needs_source_weights)
+    model, tokenizer, _ = streaming.load_quantized(cfg.model, quantizer, device,
+                                                   keep_source=composition.needs_source_weights)
     composition.attach(model)
     composition.method.load(model, run_dir / "adapter")
     model.to(device).eval()
@@ -77,9 +76,8 @@ def onto_base(cfg, plan, device: str = "cpu", rank: int | None = None) -> Rebuil
 
     init = plan.init
     check_rank(plan.adapter, rank, f"{init.directory} holds '{plan.adapter.method.name}'")
-    model, tokenizer = models.load_model(cfg.model)
-    plan.quantizer.quantize_model(model, device=device, progress=False,
-                                  keep_source=plan.adapter.needs_source_weights)
+    model, tokenizer, _ = streaming.load_quantized(cfg.model, plan.quantizer, device,
+                                                   keep_source=plan.adapter.needs_source_weights)
     plan.adapter.attach(model)
     init.load(model)
     model.to(device).eval()

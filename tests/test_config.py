@@ -91,10 +91,10 @@ def one_line_error(monkeypatch, *args) -> str:
     """Invoke the CLI with the model loader booby-trapped; the single stderr line."""
     from click.testing import CliRunner
 
-    from qpeft.core import models
+    from qpeft.core import streaming
     from qpeft.core.cli.main import cli
 
-    monkeypatch.setattr(models, "load_model", _refuse)
+    monkeypatch.setattr(streaming, "load_quantized", _refuse)
     result = CliRunner().invoke(cli, list(args))
     assert result.exit_code == 2, result.output
     assert not isinstance(result.exception, AssertionError), result.exception

@@ -148,12 +148,12 @@ def test_all_lines_bad_names_the_file(tmp_path):
 
 # -- the command line --------------------------------------------------------------------
 def test_cli_refuses_a_non_utf8_file_in_one_line_before_loading_the_model(tmp_path, tiny_dir, monkeypatch):
-    from qpeft.core import models
+    from qpeft.core import streaming
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(models, "load_model", no_model)
+    monkeypatch.setattr(streaming, "load_quantized", no_model)
     path = jsonl(tmp_path, b'{"instruction": "\xff", "output": "5"}', name="bad.jsonl")
     result = CliRunner().invoke(cli, ["run", "--data", str(path), "--model", str(tiny_dir),
                                       "--output-dir", str(tmp_path / "runs")])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qpeft.core import config, models, pipeline, registry, templates
+from qpeft.core import config, models, pipeline, registry, streaming, templates
 from qpeft.core.batch_source import EncodedBatches
 from qpeft.core.cli.main import cli
 from qpeft.core.errors import QpeftError
@@ -233,7 +233,7 @@ def test_the_directory_is_checked_before_the_model_loads(monkeypatch, tiny_dir, 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(streaming, "load_quantized", no_loading)
     bad = edited(written["lora"], tmp_path, rank_pattern={"q_proj": 8})
     line = one_line(CliRunner().invoke(cli, ["run", "--init-adapter", str(bad), "--model", tiny_dir,
                                              "--output-dir", str(tmp_path)]))

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from qpeft.core import models
+from qpeft.core import streaming
 from qpeft.core.cli.main import cli
 from qpeft.core.errors import ModelLoadError
 
@@ -62,7 +62,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_load(finished, tiny
 
     def fail(*a, **k):
         raise ModelLoadError("could not load the model (simulated)")
-    monkeypatch.setattr(models, "load_model", fail)
+    monkeypatch.setattr(streaming, "load_quantized", fail)
     line = one_line_error(invoke(*tiny_run(tiny_dir, out, "done", "--overwrite")), after_progress=True)
     assert "simulated" in line
     line = one_line_error(invoke("run", "--resume", str(run), "--overwrite", "--lr", "-1"))
@@ -76,12 +76,12 @@ def test_overwrite_swaps_the_new_run_in_only_after_loading(tiny_dir, tmp_path, m
     run.mkdir()
     (run / "old-notes.txt").write_text("old run")
     seen = []
-    real = models.load_model
+    real = streaming.load_quantized
 
     def watch(*a, **k):
         seen.append((run / "old-notes.txt").is_file())   # the old run is still whole while loading
         return real(*a, **k)
-    monkeypatch.setattr(models, "load_model", watch)
+    monkeypatch.setattr(streaming, "load_quantized", watch)
     result = invoke(*tiny_run(tiny_dir, tmp_path, "keep", "--overwrite"))
     assert result.exit_code == 0, result.output
     assert seen == [True]
