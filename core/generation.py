@@ -10,13 +10,22 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, p in enumerate(chunk):
-                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p):] = 1
+            ids, mask = padded(chunk, pad, left=True)
+            width = ids.shape[1]
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return outputs
+
+
+def padded(rows: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask)`` of token rows padded to the longest: on the left for
+    generation (every prompt ends where generation starts), on the right for scoring."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        where = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, where] = torch.tensor(r, dtype=torch.long)
+        mask[i, where] = 1
+    return ids, mask

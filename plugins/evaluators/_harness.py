@@ -31,6 +31,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from qpeft.core.generation import padded
+
 
 class QpeftLM(TemplateLM):
     """``model`` and ``tokenizer`` as an lm-eval LM. ``max_length``: tokens the model reads;
@@ -87,7 +89,7 @@ class QpeftLM(TemplateLM):
             for start in tqdm(range(0, len(order), self.batch_size), desc="lm-eval loglikelihood",
                               leave=False, disable=disable_tqdm or None):
                 chunk = order[start:start + self.batch_size]
-                ids, mask = _right_padded(chunk, self.tokenizer.pad_token_id or 0)
+                ids, mask = padded(chunk, self.tokenizer.pad_token_id or 0)
                 hidden = decoder(input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
                                  use_cache=False).last_hidden_state
                 for row, inp in enumerate(chunk):
@@ -148,12 +150,8 @@ class QpeftLM(TemplateLM):
     def _greedy(self, prompts: list, max_new_tokens: int, until: list) -> list[str]:
         """One left-padded batch, stopped per row at a stop string, cut before it."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
+        ids, mask = padded(prompts, pad, left=True)
+        width = ids.shape[1]
         stops = [s for s in until if s]
         with torch.no_grad():
             generated = self.model.generate(
@@ -173,17 +171,6 @@ class StopStrings(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:])
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
-
-
-def _right_padded(rows: list, pad: int) -> tuple:
-    """``(ids, attention mask)`` of token rows padded on the right to the longest."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 def _cut(text: str, stops: list) -> str:

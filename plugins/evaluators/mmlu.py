@@ -159,6 +159,8 @@ def continuation_logprobs(model, pairs: list, batch_size: int = 8, device="cpu",
     import torch
     from tqdm import tqdm
 
+    from qpeft.core.generation import padded
+
     inputs, jobs = {}, defaultdict(list)
     for index, (ctx, cont) in enumerate(pairs):
         inp = tuple((list(ctx) + list(cont))[-(max_length + 1):-1])
@@ -169,12 +171,7 @@ def continuation_logprobs(model, pairs: list, batch_size: int = 8, device="cpu",
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc="mmlu", leave=False, disable=None):
             chunk = order[start:start + batch_size]
-            width = len(chunk[0])
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, inp in enumerate(chunk):
-                ids[row, :len(inp)] = torch.tensor(inp)
-                mask[row, :len(inp)] = 1
+            ids, mask = padded(chunk, 0)
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                              use_cache=False).last_hidden_state
             for row, inp in enumerate(chunk):
