@@ -16,7 +16,7 @@ def test_list_shows_every_kind_with_origin_and_options():
     for heading in ("quantizers", "adapters", "evaluators"):
         assert heading in result.output
     assert "none" in result.output and "[qpeft " in result.output
-    assert "compute_dtype='bfloat16'" in result.output
+    assert "compute_dtype='auto'" in result.output
 
 
 def test_list_json_is_machine_readable():
@@ -25,8 +25,9 @@ def test_list_json_is_machine_readable():
     data = json.loads(result.output)
     none = next(p for p in data["quantizer"] if p["name"] == "none")
     assert none["origin"] == "qpeft" and none["kind"] == "quantizer"
-    assert {"name": "compute_dtype", "type": "bfloat16|float16|float32", "default": "bfloat16",
-            "help": "dtype of matmuls and of the layers left unquantized"} in none["options"]
+    assert {"name": "compute_dtype", "type": "auto|bfloat16|float16|float32", "default": "auto",
+            "help": "dtype of matmuls and of the layers left unquantized; auto: bfloat16 where the "
+                    "hardware computes it natively (CUDA; CPUs with AVX-512 BF16 or AMX), else float32"} in none["options"]
     assert data["failures"] == []
 
 
@@ -42,7 +43,7 @@ def test_unknown_adapter_is_one_line_with_exit_status_2():
 def test_bad_option_value_and_unknown_flag_are_one_line():
     result = invoke("run", "--quant", "none:compute_dtype=int3")
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert "must be one of bfloat16, float16, float32; got 'int3'" in result.output
+    assert "must be one of auto, bfloat16, float16, float32; got 'int3'" in result.output
     result = invoke("run", "--adpter", "lora")
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "No such option '--adpter'" in result.output and "'--adapter'" in result.output

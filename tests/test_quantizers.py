@@ -134,6 +134,7 @@ def test_real_layer_storage_at_most_055_bytes_per_weight(embedded):
                                  ("hqq", {"nbits": 8, "compute_dtype": "float32"}),
                                  ("int8", {}), ("none", {})]))
 def test_bytes_per_weight_is_exact(name, opts, per_weight):
+    opts = {"compute_dtype": "bfloat16", **opts}       # 2-byte scales and zeros unless given
     layer = quantizer(name, opts).quantize_linear(gaussian_linear())
     assert layer.storage_bytes() == pytest.approx(per_weight * 256 * 512)
 
@@ -211,11 +212,11 @@ def test_bad_options_are_refused_in_one_line(spec, words):
 
 
 def test_quantize_command_json_on_tiny_model():
-    result = CliRunner().invoke(cli, ["quantize", "--model", "tiny", "--quant", "hqq:nbits=2",
+    result = CliRunner().invoke(cli, ["quantize", "--model", "tiny", "--quant", "hqq:nbits=2:compute_dtype=bfloat16",
                                       "--json", "--layers"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["spec"] == "hqq:nbits=2" and report["options"]["nbits"] == 2
+    assert report["spec"] == "hqq:nbits=2:compute_dtype=bfloat16" and report["options"]["nbits"] == 2
     assert report["layers"] == 14 and len(report["per_layer"]) == 14
     assert report["quantized_weights"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
     assert report["bytes_after"] < report["bytes_before"]
