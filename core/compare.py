@@ -15,6 +15,10 @@ row of the grid, each in (0, 1] (1 = the best row in that respect)::
 
 Only finished rows within the memory budget are scored and taken as references; a row
 over the budget is flagged and gets no score.
+
+With ``--export-quant SPEC`` each finished cell is also merged and re-quantized with SPEC
+(:mod:`qpeft.core.requant`, kept as ``<cell>/export-<SPEC>.json``), adding the columns of
+:data:`EXPORT_COLUMNS`: what the merge for shipping costs in perplexity.
 """
 import csv
 import dataclasses
@@ -44,6 +48,10 @@ COLUMNS = {  # row key → heading (the thesis' columns)
     "peak_memory_mb": "peak memory MB", "memory_kind": "memory", "train_seconds": "train s",
     "tokens_per_s": "tokens/s", "within_budget": "within budget", "edge_score": "edge score",
     "error": "error",
+}
+EXPORT_COLUMNS = {  # only with --export-quant
+    "export_ppl_trained": "ppl trained (adapter on quantized base)", "export_ppl_merged": "ppl merged",
+    "export_ppl_shipped": "ppl shipped (merged + re-quantized)", "export_gap_pct": "shipped vs trained %",
 }
 
 
@@ -86,7 +94,7 @@ def parse_memory(text: str | None) -> float | None:
     return size / 2**20
 
 
-def spec_errors(quants: list, adapters: list) -> list[str]:
+def spec_errors(quants: list, adapters: list, export_quant: str | None = None) -> list[str]:
     """One line per quantizer or adapter spec that would fail, found without starting a process."""
     from qpeft.core import registry
     from qpeft.core.adapter import compose
@@ -94,7 +102,9 @@ def spec_errors(quants: list, adapters: list) -> list[str]:
 
     reg = registry.default()
     checks = (("--quant", quants, lambda spec: build_plugin("quantizer", spec, reg)),
-              ("--adapter", adapters, lambda spec: compose(spec, reg)))
+              ("--adapter", adapters, lambda spec: compose(spec, reg)),
+              ("--export-quant", [export_quant] if export_quant else [],
+               lambda spec: build_plugin("quantizer", spec, reg)))
     out = []
     for flag, specs, build in checks:
         for spec in dict.fromkeys(specs):
@@ -124,8 +134,9 @@ def run_cell(cell: Cell, output_dir: Path, flags: list, log_dir: Path) -> str | 
     return None if code == 0 else (last or f"exited with status {code}")
 
 
-def run_grid(cells: list, output_dir: Path, flags: list, say=print) -> dict:
-    """Run every cell not finished yet; ``{cell name: error or None}``."""
+def run_grid(cells: list, output_dir: Path, flags: list, say=print, after=None) -> dict:
+    """Run every cell not finished yet; ``{cell name: error or None}``. ``after(cell)`` is
+    called for each finished cell, right after it (``--export-quant``)."""
     from tqdm import tqdm
 
     log_dir = output_dir / "logs"
@@ -135,9 +146,11 @@ def run_grid(cells: list, output_dir: Path, flags: list, say=print) -> dict:
         if (output_dir / cell.name / "report.json").is_file():
             say(f"  {cell.name}: done before, skipped")
             errors[cell.name] = None
-            continue
-        errors[cell.name] = run_cell(cell, output_dir, flags, log_dir)
-        say(f"  {cell.name}: {'ok' if errors[cell.name] is None else errors[cell.name]}")
+        else:
+            errors[cell.name] = run_cell(cell, output_dir, flags, log_dir)
+            say(f"  {cell.name}: {'ok' if errors[cell.name] is None else errors[cell.name]}")
+        if after is not None and errors[cell.name] is None:
+            after(cell)
     return errors
 
 
@@ -222,24 +235,32 @@ def _ratio(value: float, best: float, higher: bool) -> float:
     return 1.0 if value == best else (best / value if value > 0 else 0.0)
 
 
+def columns(meta: dict) -> dict:
+    """The table's columns: :data:`COLUMNS`, with :data:`EXPORT_COLUMNS` before "error" when
+    the grid was given --export-quant."""
+    extra = EXPORT_COLUMNS if meta.get("export_quant") else {}
+    return {**{k: v for k, v in COLUMNS.items() if k != "error"}, **extra, "error": COLUMNS["error"]}
+
+
 def write_tables(rows: list, out_dir: Path, meta: dict, plots: list) -> None:
     """comparison.csv, comparison.json and comparison.md under ``out_dir``."""
     with open(out_dir / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=list(columns(meta)), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "comparison.json").write_text(json.dumps({**meta, "columns": COLUMNS, "rows": rows}, indent=2))
+    (out_dir / "comparison.json").write_text(json.dumps({**meta, "columns": columns(meta), "rows": rows}, indent=2))
     (out_dir / "comparison.md").write_text(markdown(rows, meta, plots))
 
 
 def markdown(rows: list, meta: dict, plots: list) -> str:
     """The comparison for people: the table, the edge-score definition, the plots, failures."""
-    shown = [k for k in COLUMNS if k not in ("error", "memory_kind")
+    heads = columns(meta)
+    shown = [k for k in heads if k not in ("error", "memory_kind")
              and (k != "within_budget" or meta.get("memory_budget_mb") is not None)
-             and any(r[k] is not None for r in rows)]
+             and any(r.get(k) is not None for r in rows)]
     lines = ["# qpeft comparison", "", f"Model: {meta['model']} · grid: {len(rows)} combinations", "",
-             "| " + " | ".join(COLUMNS[k] for k in shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_cell(r[k]) for k in shown) + " |" for r in rows]
+             "| " + " | ".join(heads[k] for k in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(r.get(k)) for k in shown) + " |" for r in rows]
     w = meta["edge_weights"]
     lines += ["", f"Peak memory is GPU reserved where a GPU was used, else process RSS "
               f"({', '.join(sorted({r['memory_kind'] for r in rows if r['memory_kind']})) or 'none'}).",
@@ -249,6 +270,12 @@ def markdown(rows: list, meta: dict, plots: list) -> str:
               "1 = best in every respect. Scores compare rows of this grid only."]
     if meta.get("memory_budget_mb") is not None:
         lines.append(f"Memory budget: {meta['memory_budget_mb']:.0f} MiB; rows over it get no edge score.")
+    if meta.get("export_quant"):
+        lines.append(f"Export columns: each run's adapter merged into its dequantized base and the result "
+                     f"re-quantized with `{meta['export_quant']}` (qpeft export --merge --quant); perplexity "
+                     "on the run's validation set, shipped vs trained as a relative gap.")
+        lines += [f"Export measurement failed for {r['quant']} × {r['adapter']}: {r['export_error']}"
+                  for r in rows if r.get("export_error")]
     lines += [""] + [f"![{p}]({p})" for p in plots]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
@@ -267,7 +294,7 @@ def _cell(value) -> str:
 
 def compare(quants: list, adapters: list, output_dir, flags: list, budget: str | None = None,
             quality: str = "perplexity", weights: str | None = None, model: str | None = None,
-            say=print) -> list:
+            say=print, export_quant: str | None = None) -> list:
     """Check every spec, run the grid (resuming), write the tables and plots; returns the rows."""
     from qpeft.core import compare_plots
 
@@ -276,15 +303,25 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     budget_mb, weight_map = parse_memory(budget), parse_weights(weights)
     output_dir = Path(output_dir)
     cells = grid(quants, adapters)
-    problems = spec_errors(quants, adapters)
+    problems = spec_errors(quants, adapters, export_quant)
     if problems:
         raise QpeftError("; ".join(problems) + "; nothing was run: fix or drop the spec"
                          + ("s" if len(problems) > 1 else ""))
-    errors = run_grid(cells, output_dir, flags, say)
+    exports = {}
+
+    def measure_export(cell):
+        from qpeft.core import requant
+
+        exports[cell.name] = requant.compare_columns(output_dir / cell.name, export_quant, say)
+    errors = run_grid(cells, output_dir, flags, say, measure_export if export_quant else None)
     rows = [row(c, errors[c.name], output_dir / c.name) for c in cells]
+    if export_quant:
+        for r, c in zip(rows, cells):
+            r.update(exports.get(c.name) or dict.fromkeys(EXPORT_COLUMNS))
     edge_scores(rows, quality, weight_map, budget_mb)
     meta = {"model": model or "SmolLM2-135M-Instruct (embedded)", "quants": quants, "adapters": adapters,
-            "run_flags": flags, "memory_budget_mb": budget_mb, "edge_quality": quality, "edge_weights": weight_map}
+            "run_flags": flags, "memory_budget_mb": budget_mb, "edge_quality": quality, "edge_weights": weight_map,
+            "export_quant": export_quant}
     plots = compare_plots.plot_all(rows, [output_dir / c.name for c in cells], output_dir,
                                    QUALITY[quality][0], QUALITY[quality][2], budget_mb)
     write_tables(rows, output_dir, meta, plots)

@@ -29,7 +29,9 @@ def test_the_grid_writes_tables_and_plots_with_a_row_per_combination(grid_dir):
     for name in ("comparison.md", "comparison.csv", "comparison.json", "quality_vs_memory.png",
                  "quality_vs_runtime.png", "loss_curves.png"):
         assert (grid_dir / name).stat().st_size > 0, name
-    rows = json.loads((grid_dir / "comparison.json").read_text())["rows"]
+    table = json.loads((grid_dir / "comparison.json").read_text())
+    rows = table["rows"]
+    assert "export_ppl_shipped" not in table["columns"] and "export_ppl_shipped" not in rows[0]
     assert [(r["quant"], r["adapter"]) for r in rows] == [(q, a) for q in QUANTS for a in ADAPTERS]
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 4
@@ -44,6 +46,21 @@ def test_the_grid_writes_tables_and_plots_with_a_row_per_combination(grid_dir):
     assert hqq["ia3"]["trainable_params"] < hqq["lora:r=4"]["trainable_params"]
     with open(grid_dir / "comparison.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_export_quant_adds_the_merge_cost_of_each_finished_cell(grid_dir, tiny_dir):
+    rows = compare.compare(QUANTS, ADAPTERS, grid_dir, FLAGS + ["--model", tiny_dir], model=tiny_dir,
+                           say=lambda _: None, export_quant="none:compute_dtype=float32")
+    for r in rows:
+        assert r["export_ppl_trained"] == pytest.approx(r["ppl_after"], rel=1e-4)
+        assert r["export_ppl_merged"] == pytest.approx(r["export_ppl_trained"], rel=1e-2)
+        assert r["export_gap_pct"] == pytest.approx(
+            100 * (r["export_ppl_shipped"] / r["export_ppl_trained"] - 1), abs=1e-2)
+    assert len(list(grid_dir.glob("*/export-none_compute_dtype_float32.json"))) == 4
+    md = (grid_dir / "comparison.md").read_text()
+    assert "| ppl shipped (merged + re-quantized) |" in md and "re-quantized with `none:compute_dtype=float32`" in md
+    with open(grid_dir / "comparison.csv") as f:
+        assert "export_gap_pct" in csv.DictReader(f).fieldnames
 
 
 def test_a_failing_cell_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
@@ -123,6 +140,7 @@ def _no_cell(*args, **kwargs):
      ["--quant 'bogus': unknown quantizer", "--adapter 'lora:r=-1': adapter 'lora': r must be at least 1",
       "fix or drop the specs"]),
     (["--lr", "-1"], ["--lr must be > 0, got -1.0; e.g. --lr 3e-4"]),
+    (["--export-quant", "bogus"], ["--export-quant 'bogus': unknown quantizer 'bogus'", "nothing was run"]),
     (["--batch-size", "0", "--device", "bogus"], ["--batch-size must be ≥ 1", "--device must be auto"]),
 ])
 def test_bad_specs_and_flags_stop_the_grid_before_any_cell_runs(monkeypatch, tmp_path, args, expected):

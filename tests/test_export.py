@@ -55,3 +55,46 @@ def test_qdylora_exports_at_a_smaller_rank_as_plain_lora(tiny_dir, tmp_path):
     assert shapes == {2}
     again = CliRunner().invoke(cli, ["export", str(run_dir), "--rank", "9", "--out", str(tmp_path / "x")])
     assert again.exit_code == 2 and "pass --rank between 1 and 8" in again.output
+
+
+def test_merge_and_requant_reports_the_quality_cost_and_reloads_as_what_it_measured(tiny_dir, tmp_path):
+    report, run_dir = finished_run(tiny_dir, tmp_path, "nf4:compute_dtype=float32", "lora:r=4", "rq")
+    out, spec = tmp_path / "shipped", "nf4:compute_dtype=float32"
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--merge", "--quant", spec, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged, re-quantized nf4:compute_dtype=float32 (shipped)" in result.stdout
+    saved = json.loads((out / "export_report.json").read_text())
+    ppl = saved["perplexity"]
+    assert ppl["trained"] == pytest.approx(report["after"]["perplexity"]["perplexity"], rel=1e-5)
+    assert ppl["merged"] == pytest.approx(ppl["trained"], rel=1e-4)     # merging is exact up to rounding
+    assert saved["relative_gap"]["shipped_vs_trained"] == pytest.approx(ppl["shipped"] / ppl["trained"] - 1, abs=1e-6)
+    assert saved["model_mb"]["shipped"] < saved["model_mb"]["merged"]
+    assert json.loads((out / "qpeft_quant.json").read_text())["quant"] == spec
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+    # `qpeft run --model OUT --quant SPEC` quantizes the saved model into exactly what was measured
+    cfg = config.build(None, {"model": str(out), "quant": spec, "adapter": "lora:r=4", "name": "again",
+                              "evaluators": "perplexity", "eval_limit": 6, "steps": 1, "batch_size": 4,
+                              "save_every": 0, "output_dir": str(tmp_path), "progress": False})
+    again = pipeline.run(cfg, say=lambda _: None)
+    assert again["before"]["perplexity"]["perplexity"] == pytest.approx(ppl["shipped"], rel=1e-5)
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "again"), "--evaluators", "perplexity"])
+    assert result.exit_code == 0, result.output
+
+
+def test_requant_flags_are_checked_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    import qpeft.core.rebuild
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    monkeypatch.setattr(qpeft.core.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
+    cases = [(["--merge", "--quant", "bogus"], "unknown quantizer 'bogus'"),
+             (["--merge", "--quant", "hqq:nbits=9"], "hqq"),
+             (["--quant", "nf4"], "--quant applies to a merged model; add --merge"),
+             (["--dtype", "bfloat16"], "--dtype applies to a merged model; add --merge")]
+    for flags, expected in cases:
+        result = CliRunner().invoke(cli, ["export", str(run_dir), *flags, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -16,8 +16,12 @@ CELL_OWNED = ("quant", "adapter", "name", "output_dir", "resume", "overwrite", "
 @click.option("--edge-quality", default="perplexity", show_default=True,
               type=click.Choice(["perplexity", "accuracy", "mmlu", "prompts"]), help="quality term of the edge score")
 @click.option("--edge-weights", help="weights of quality,memory,disk,time [default: quality=0.4,memory=0.2,disk=0.2,time=0.2]")
+@click.option("--export-quant", metavar="SPEC",
+              help="after each cell, merge its adapter and re-quantize with this quantizer spec; adds "
+                   "columns: perplexity trained vs merged vs shipped (as qpeft export --merge --quant)")
 @click.pass_context
-def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget, edge_quality, edge_weights):
+def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget, edge_quality, edge_weights,
+                    export_quant):
     """Run every QUANT × ADAPTER combination and compare them.
 
     Any other 'qpeft run' flag (--steps, --eval-limit, --evaluators, --lr, ...) is passed
@@ -30,6 +34,7 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
       qpeft compare --quant none,nf4,hqq --adapter lora,lora+rslora,dora --steps 50
       qpeft compare --quant nf4,hqq:nbits=2 --adapter lora,dora --memory-budget 8GB
       qpeft compare --evaluators perplexity,mmlu,prompts,footprint --edge-quality mmlu
+      qpeft compare --quant nf4,hqq --adapter lora,dora --export-quant nf4
     """
     from qpeft.core import compare
     from qpeft.core.spec import split_list
@@ -42,7 +47,8 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
         if value:
             flags += [flag, value]
     compare.compare(split_list(quant), split_list(adapter), output_dir, flags, memory_budget,
-                    edge_quality, edge_weights, model, say=lambda line: click.echo(line, err=True))
+                    edge_quality, edge_weights, model, say=lambda line: click.echo(line, err=True),
+                    export_quant=export_quant)
 
 
 def run_flags(args: list) -> list:

@@ -1,46 +1,107 @@
-"""``qpeft export``: a finished run's adapter (at any rank) or its merged full model."""
+"""``qpeft export``: a finished run's adapter (at any rank), its merged model (optionally
+re-quantized, with the quality cost measured), or one merged GGUF file for llama.cpp/Ollama."""
 import click
 
 from qpeft.core.cli import params
+from qpeft.core.gguf_export import TYPES as GGUF_TYPES
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory to write (must not exist, unless --overwrite).")
+@click.option("--out", "out_path", required=True, type=click.Path(),
+              help="Directory to write (must not exist, unless --overwrite); a .gguf file with --format gguf.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: the adapter in PEFT's format, or with --merge a transformers model directory; "
+                   "gguf: one merged .gguf file that llama.cpp and Ollama load.")
 @click.option("--merge", is_flag=True,
               help="Fold the adapter into the dequantized base and save a full model "
                    "(sharded safetensors + tokenizer) that transformers loads.")
+@click.option("--quant", "quant_spec",
+              help="With --merge: re-quantize the merged model with this quantizer (nf4, hqq:nbits=4, ...) "
+                   "and report the perplexity cost on the run's validation set (export_report.json).")
+@click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)), default=None,
+              help="Tensor type of a --format gguf file [default: f16]; norms stay f32.")
 @click.option("--rank", type=params.RANK, default=None,
               help="Export a dynamic-rank adapter (qdylora) at this rank ≤ its trained rank.")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
-              help="Weight dtype of a merged model.")
-@click.option("--max-shard-size", default="500MB", show_default=True, help="Shard size of a merged model.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Weight dtype of a merged model [default: float32].")
+@click.option("--max-shard-size", default=None, help="Shard size of a merged model [default: 500MB].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_command(run_dir, out_dir, merge, rank, dtype, max_shard_size, overwrite):
-    """Export RUN_DIR's adapter (PEFT format) or, with --merge, a merged full model.
+def export_command(run_dir, out_path, fmt, merge, quant_spec, gguf_type, rank, dtype, max_shard_size, overwrite):
+    """Export RUN_DIR's adapter (PEFT format), a merged full model, or a merged GGUF file.
 
     \b
     Examples:
       qpeft export runs/nf4-lora --out lora-adapter
       qpeft export runs/nf4-qdylora --rank 4 --out rank4-adapter
       qpeft export runs/nf4-dora --merge --dtype bfloat16 --out merged-model
+      qpeft export runs/nf4-lora --merge --quant nf4 --out merged-nf4      # + quality cost
+      qpeft export runs/nf4-lora --format gguf --gguf-type q8_0 --out model-q8_0.gguf
     """
     from pathlib import Path
 
-    import torch
-
     from qpeft.core.errors import QpeftError
-    from qpeft.core.pipeline import adapter_meta
-    from qpeft.core.rebuild import rebuild
-    from qpeft.core.rundir import Staged, refuse_overlap
+    from qpeft.core.rundir import refuse_overlap
 
-    out = Path(out_dir)
+    out = Path(out_path)
+    check_combination(fmt, merge, quant_spec, gguf_type, dtype, max_shard_size)
+    quantizer = None
+    if quant_spec is not None:
+        from qpeft.core import requant
+
+        quantizer = requant.check_spec(quant_spec)   # a bad spec is one line, before any load
+    if fmt == "gguf":
+        from qpeft.core import gguf_export
+
+        gguf_export.check_out(out)
     refuse_overlap(out, run_dir, "the run directory")
     if out.exists() and not overwrite:
         raise QpeftError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    if fmt == "gguf":
+        export_gguf(run_dir, out, gguf_type or "f16", rank, say)
+    elif quantizer is not None:
+        from qpeft.core import requant
+
+        report = requant.export(run_dir, out, quantizer, quant_spec, dtype or "float32", rank,
+                                max_shard_size or "500MB", say)
+        click.echo(requant.table(report))
+        say(f"merged model written to {out}, with {requant.QUANT_FILE} and {requant.REPORT_FILE}; "
+            f"load it re-quantized with: qpeft run --model {out} --quant '{quant_spec}'")
+    else:
+        export_hf(run_dir, out, merge, rank, dtype or "float32", max_shard_size or "500MB", say)
+
+
+def check_combination(fmt, merge, quant_spec, gguf_type, dtype, max_shard_size) -> None:
+    """Flags that make no sense together, refused before anything loads."""
+    from qpeft.core.errors import QpeftError
+
+    if fmt == "gguf":
+        for flag, value, why in (("--quant", quant_spec, "a GGUF file is quantized by --gguf-type"),
+                                 ("--dtype", dtype, "GGUF tensor types come from --gguf-type"),
+                                 ("--max-shard-size", max_shard_size, "a GGUF export is one file")):
+            if value is not None:
+                raise QpeftError(f"{flag} does not apply to --format gguf ({why}); drop {flag}")
+        return
+    if gguf_type is not None:
+        raise QpeftError("--gguf-type sets the tensor type of a GGUF file; add --format gguf, or drop it")
+    if not merge:
+        for flag, value in (("--quant", quant_spec), ("--dtype", dtype), ("--max-shard-size", max_shard_size)):
+            if value is not None:
+                raise QpeftError(f"{flag} applies to a merged model; add --merge (an adapter export "
+                                 f"keeps the adapter's own tensors)")
+
+
+def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say) -> None:
+    """The adapter in PEFT's format, or the merged model as a transformers directory."""
+    import torch
+
+    from qpeft.core.pipeline import adapter_meta
+    from qpeft.core.rebuild import rebuild
+    from qpeft.core.rundir import Staged
+
     built = rebuild(run_dir, rank=rank)      # checks --rank and loads before --out is touched
     method = built.composition.method
     with Staged(out) as staged:             # the old --out stays until the new one is written
@@ -53,4 +114,33 @@ def export_command(run_dir, out_dir, merge, rank, dtype, max_shard_size, overwri
             method.save(built.model, staged.path, adapter_meta(built.resolved))
             done = "adapter written to {} (PEFT format; qpeft_adapter.json has the rest)"
         staged.commit()
-    click.echo(done.format(out), err=True)
+    say(done.format(out))
+
+
+def export_gguf(run_dir, out, gguf_type, rank, say) -> None:
+    """The merged model as one GGUF file (adapter folded in, in float32, then typed per tensor)."""
+    import torch
+
+    from qpeft.core import config, gguf_export, models
+    from qpeft.core.rebuild import rebuild
+
+    resolved = config.read_run(run_dir)
+    gguf_export.check_source(resolved["config"]["model"])   # architecture, before the load
+    built = rebuild(run_dir, rank=rank)
+    merged = built.composition.method.merge(built.model, torch.float32)
+    base = resolved["config"]["model"] or models.EMBEDDED
+    name = f"{resolved['run']} ({_base_name(base)} + {resolved['adapter']['spec']}, merged by qpeft)"
+    with gguf_export.StagedFile(out) as staged:
+        summary = gguf_export.write(merged, built.tokenizer, staged.file, gguf_type, name)
+        staged.commit()
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensors"].items(), key=lambda kv: -kv[1]))
+    fallback = (f"; {len(summary['f16_fallback'])} tensor(s) kept f16 (rows not a multiple of the "
+                f"{gguf_type} block)" if summary["f16_fallback"] else "")
+    say(f"GGUF ({gguf_type}) written to {out}: {summary['bytes'] / 2**20:.1f} MiB, tensors {kinds}{fallback}; "
+        f"run it with: llama-cli -m {out} -p 'Hello'")
+
+
+def _base_name(spec: str) -> str:
+    from pathlib import Path
+
+    return Path(str(spec)).name or str(spec)
