@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qpeft import hookimpl
-from qpeft.plugins.adapters.lora import LoRA, LoRALinear, low_rank_values
+from qpeft.plugins.adapters.lora import LoRA, LoRALinear, add_low_rank, low_rank_values
 
 
 class DoRALinear(LoRALinear):
@@ -61,8 +61,8 @@ class DoRALinear(LoRALinear):
         """(m/‖W + s·B·A‖)·(W·x + s·B·A·dropout(x)) + bias; the norm is a constant (§4.3)."""
         scale = self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)
         base = self.base.matmul(x.to(self.base.compute_dtype))
-        delta = self.lora_delta(self.dropout(x))
-        out = (scale * (base.to(delta.dtype) + delta)).to(base.dtype)
+        a, _, _ = low = self.low_rank()
+        out = (scale * add_low_rank(base.to(a.dtype), self.dropout(x), *low)).to(base.dtype)
         return out if self.base.bias is None else out + self.base.bias
 
     def merged_weight(self) -> torch.Tensor:

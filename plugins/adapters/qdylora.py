@@ -40,10 +40,10 @@ class QDyLoRALinear(LoRALinear):
         """The rank in use: the sampled one in training, ``eval_rank`` otherwise."""
         return self.train_rank if self.training else self.eval_rank
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The first ``b`` ranks and their scale s(b)."""
         b = self.rank
-        x = x.to(self.lora_A.dtype)
-        return ((x @ self.lora_A[:b].t()) * self.scales[b - 1]) @ self.lora_B[:, :b].t()
+        return self.lora_A[:b], self.lora_B[:, :b], self.scales[b - 1]
 
     def delta_weight(self) -> torch.Tensor:
         b = self.eval_rank
