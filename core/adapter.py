@@ -7,15 +7,22 @@ Two roles:
   ``"scaling"`` or ``"init"`` — that modifiers may fill;
 - a **modifier** (rslora, loftq, olora, …) fills one slot of a method (``modifies``).
 
+A method may declare ``slots`` as ``{name: Protocol}``: the Protocol lists what a modifier
+filling that slot must define, which registration checks (:meth:`Adapter.problems_among`).
+
 ``compose`` checks a spec against those declarations only — never against names — so a
 third-party modifier composes exactly as a built-in one does, and a combination that
 makes no sense (``ia3+loftq``) is refused with a one-line reason.
 """
+from collections.abc import Collection, Mapping
 from typing import ClassVar, Literal
 
 from qpeft.core import spec as specs
-from qpeft.core.errors import OptionsError
+from qpeft.core.errors import OptionsError, QpeftError, closest
 from qpeft.core.plugin import Plugin
+
+ROLES = ("method", "modifier")
+METHOD_API = ("attach", "save", "load", "merge")
 
 
 class Adapter(Plugin):
@@ -23,7 +30,7 @@ class Adapter(Plugin):
 
     kind: ClassVar[str] = "adapter"
     role: ClassVar[Literal["method", "modifier"]] = "method"
-    slots: ClassVar[frozenset] = frozenset()  # method: the pieces modifiers may replace
+    slots: ClassVar[Collection[str]] = frozenset()  # method: the pieces modifiers may replace
     modifies: ClassVar[str] = ""              # modifier: the slot it fills
     needs_source_weights: ClassVar[bool] = False  # wants each quantized layer's original W
 
@@ -66,6 +73,83 @@ class Adapter(Plugin):
         config; a field set in it that no claiming plugin reads is refused
         (``qpeft.plugins.adapters._peft_import``)."""
         return None
+
+    # -- optional lifecycle hooks of a method (the defaults do nothing) ---------------
+    def report_variants(self, model) -> dict:
+        """Extra evaluations after training, ``{label: apply}``: the run report calls each
+        ``apply()`` and evaluates again under ``"after LABEL"`` (QDyLoRA: one per rank).
+        Called after the adapter is saved. Default: none."""
+        return {}
+
+    def select_rank(self, model, rank: int) -> None:
+        """Evaluate and export at ``rank`` (``qpeft eval --rank``); a dynamic-rank method
+        overrides it. Default: refuse, since the method has one rank."""
+        raise QpeftError(f"adapter '{self.name}' has a fixed rank; --rank needs an adapter "
+                         "method that defines select_rank()")
+
+    # -- registration checks -------------------------------------------------------
+    @classmethod
+    def problems(cls) -> list[str]:
+        """Plugin's checks, plus: a valid role; a method defines attach/save/load/merge and
+        declares slot names; a modifier names the one slot it fills and declares none."""
+        found = super().problems()
+        if cls.role not in ROLES:
+            return found + [f"has role '{cls.role}', which is neither 'method' nor 'modifier'"
+                            + hint(str(cls.role), ROLES)]
+        if isinstance(cls.slots, str) or not all(isinstance(s, str) and s.isidentifier() for s in cls.slots):
+            found.append(f"declares slots={cls.slots!r}; use a set of slot names or {{name: Protocol}}")
+        elif isinstance(cls.slots, Mapping):
+            found += [f"declares slots['{slot}'] = {proto!r}, not the Protocol a modifier of it follows"
+                      for slot, proto in cls.slots.items() if not isinstance(proto, type)]
+        if cls.role == "method":
+            found += [f"does not define {name}()" for name in METHOD_API if not cls.implements(name)]
+            if cls.modifies:
+                found.append(f"is a method but sets modifies='{cls.modifies}'; set role = 'modifier'")
+        elif not cls.modifies:
+            found.append("is a modifier without 'modifies' (the slot it fills, e.g. 'scaling')")
+        elif cls.slots:
+            found.append("is a modifier but declares slots; only a method has slots")
+        return found
+
+    @classmethod
+    def problems_among(cls, peers: dict) -> list[str]:
+        """A method's slot that no registered method describes with a Protocol; a modifier
+        filling a slot no registered method has, or lacking what the slot's Protocol asks."""
+        methods = [c for c in peers.values() if c.role == "method"]
+        known = {slot: slot_protocols(methods, slot) for m in methods for slot in m.slots}
+        known = {slot: protocols for slot, protocols in known.items() if protocols}
+        if cls.role == "method":
+            return [f"declares slot '{slot}', which no method describes with a Protocol"
+                    + hint(slot, known, f"; declare slots = {{'{slot}': Protocol}}")
+                    for slot in cls.slots if slot not in known]
+        if cls.modifies not in known:
+            return [f"modifies '{cls.modifies}', a slot no adapter method declares" + hint(cls.modifies, known)]
+        return [f"fills the '{cls.modifies}' slot but does not define {name}() ({proto.__name__})"
+                for proto in known[cls.modifies] for name in protocol_methods(proto)
+                if not callable(getattr(cls, name, None))]
+
+
+def hint(word: str, choices, otherwise: str = "") -> str:
+    """"; did you mean 'x'?" for the closest choice, else ``otherwise``."""
+    near = closest(word, choices)
+    return f"; did you mean '{near}'?" if near else otherwise
+
+
+def slot_protocols(methods, slot: str) -> list[type]:
+    """The Protocols that ``methods`` (or their base classes) give for filling ``slot``."""
+    found = []
+    for method in methods:
+        for c in method.__mro__:
+            declared = vars(c).get("slots")
+            if isinstance(declared, Mapping) and slot in declared and declared[slot] not in found:
+                found.append(declared[slot])
+                break
+    return found
+
+
+def protocol_methods(protocol: type) -> list[str]:
+    """The public methods a Protocol lists."""
+    return sorted(n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_"))
 
 
 class Composition:

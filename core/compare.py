@@ -1,16 +1,21 @@
 """Comparing quantizer × adapter combinations: run a grid, tabulate it, score it for the edge.
 
-    --quant none,nf4,hqq × --adapter lora,dora ─▶ one `qpeft run` PROCESS per cell
+    --quant "none;nf4" × --adapter "lora;dora" ─▶ one `qpeft run` PROCESS per cell
         (a crash or OOM costs one cell; a cell whose report.json exists is skipped)
     ─▶ rows from each run's report.json ─▶ edge score ─▶ comparison.{md,csv,json} + plots
+
+Columns come from what the evaluators report: every metric an evaluator declares in
+``higher_is_better`` (``<evaluator>:<metric>:<stage>``, for the stages it declares), beside
+the run's own facts (disk, peak memory, time). No evaluator is known here by name.
 
 Edge score (docs/evaluators.md): a weighted geometric mean of four ratios to the best
 row of the grid, each in (0, 1] (1 = the best row in that respect)::
 
     E = Q^wq · M^wm · D^wd · T^wt        wq + wm + wd + wt = 1 (default .4 .2 .2 .2)
-    Q = best perplexity / perplexity   (or accuracy / best accuracy, for higher-is-better)
+    Q = best / value  for a lower-is-better quality metric (--edge-quality EVALUATOR:METRIC),
+        value / best  for a higher-is-better one (the evaluator's higher_is_better says which)
     M = least peak memory / peak memory
-    D = least disk / disk                disk = quantized model MB + adapter MB
+    D = least disk / disk                disk = quantized model MB + adapter MB on disk
     T = least train seconds / train seconds
 
 Only finished rows within the memory budget are scored and taken as references; a row
@@ -18,7 +23,7 @@ over the budget is flagged and gets no score.
 
 With ``--export-quant SPEC`` each finished cell is also merged and re-quantized with SPEC
 (:mod:`qpeft.core.requant`, kept as ``<cell>/export-<SPEC>.json``), adding the columns of
-:data:`EXPORT_COLUMNS`: what the merge for shipping costs in perplexity.
+:data:`EXPORT_COLUMNS`: what the merge for shipping costs.
 """
 import csv
 import dataclasses
@@ -29,25 +34,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qpeft.core import compare_metrics
 from qpeft.core.errors import QpeftError
 
-QUALITY = {  # --edge-quality → (row column, higher is better, label)
-    "perplexity": ("ppl_after", False, "eval perplexity (after)"),
-    "accuracy": ("acc_after", True, "accuracy (after)"),
-    "mmlu": ("mmlu_after", True, "MMLU accuracy (after)"),
-    "prompts": ("prompts_pass_rate", True, "prompts pass rate"),
-}
 WEIGHTS = {"quality": 0.4, "memory": 0.2, "disk": 0.2, "time": 0.2}
-COLUMNS = {  # row key → heading (the thesis' columns)
-    "quant": "quantizer", "adapter": "adapter", "status": "status",
-    "trainable_params": "trainable params", "trainable_pct": "trainable %",
-    "adapter_mb": "adapter MB", "model_mb": "model MB",
-    "ppl_before": "ppl before", "ppl_after": "ppl after",
-    "acc_before": "accuracy before", "acc_after": "accuracy after",
-    "mmlu_before": "MMLU before", "mmlu_after": "MMLU after", "prompts_pass_rate": "prompts pass",
-    "peak_memory_mb": "peak memory MB", "memory_kind": "memory", "train_seconds": "train s",
-    "tokens_per_s": "tokens/s", "within_budget": "within budget", "edge_score": "edge score",
-    "error": "error",
+HEAD = {"quant": "quantizer", "adapter": "adapter", "status": "status"}   # then the metrics
+COSTS = {  # row key → heading, from the run's facts
+    "disk_mb": "disk MB", "peak_memory_mb": "peak memory MB", "memory_kind": "memory",
+    "train_seconds": "train s", "tokens_per_s": "tokens/s", "within_budget": "within budget",
+    "edge_score": "edge score",
 }
 EXPORT_COLUMNS = {  # only with --export-quant
     "export_ppl_trained": "ppl trained (adapter on quantized base)", "export_ppl_merged": "ppl merged",
@@ -74,7 +69,7 @@ def grid(quants: list, adapters: list) -> list[Cell]:
     cells = [Cell(q, a) for q in quants for a in adapters]
     names = [c.name for c in cells]
     if not cells:
-        raise QpeftError("the grid is empty; pass e.g. --quant none,nf4 --adapter lora,dora")
+        raise QpeftError("the grid is empty; pass e.g. --quant 'A;B' --adapter 'C;D'")
     if len(set(names)) != len(names):
         raise QpeftError(f"two cells share a run name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
                          "remove the duplicate spec")
@@ -154,27 +149,20 @@ def run_grid(cells: list, output_dir: Path, flags: list, say=print, after=None) 
     return errors
 
 
-def _metric(section: dict, evaluator: str, key: str):
-    value = section.get(evaluator, {}).get(key)
-    return value if isinstance(value, (int, float)) else None
-
-
-def row(cell: Cell, error: str | None, run_dir: Path) -> dict:
-    """One table row from a run's report.json (or the cell's error)."""
-    out = {key: None for key in COLUMNS}
-    out.update(quant=cell.quant, adapter=cell.adapter, status="ok" if error is None else "failed",
-               error=error or "")
+def row(cell: Cell, error: str | None, run_dir: Path, reg) -> dict:
+    """One table row from a run's report.json (or the cell's error): the cell, the metrics
+    its evaluators declare (:mod:`qpeft.core.compare_metrics`) and the run's facts."""
+    out = {**dict.fromkeys(HEAD), **dict.fromkeys(COSTS), "error": error or ""}
+    out.update(quant=cell.quant, adapter=cell.adapter, status="ok" if error is None else "failed")
     report_file = run_dir / "report.json"
     if error is not None or not report_file.is_file():
         out["status"], out["error"] = "failed", error or "no report.json"
         return out
     report = json.loads(report_file.read_text())
-    before, after, facts = report["before"], report["after"], report["facts"]
-    out.update({k: _metric(after, "footprint", k) for k in ("trainable_params", "trainable_pct", "adapter_mb", "model_mb")})
-    out.update(ppl_before=_metric(before, "perplexity", "perplexity"), ppl_after=_metric(after, "perplexity", "perplexity"),
-               acc_before=_metric(before, "accuracy", "accuracy"), acc_after=_metric(after, "accuracy", "accuracy"),
-               mmlu_before=_metric(before, "mmlu", "accuracy"), mmlu_after=_metric(after, "mmlu", "accuracy"),
-               prompts_pass_rate=_metric(after, "prompts", "pass_rate"),
+    facts = report.get("facts") or {}
+    out.update(compare_metrics.metrics(report, reg))
+    model, adapter = facts.get("quantized_model_mb"), facts.get("adapter_disk_mb")
+    out.update(disk_mb=None if model is None or adapter is None else round(model + adapter, 3),
                train_seconds=facts.get("train_seconds"), tokens_per_s=facts.get("tokens_per_s"))
     gpu = facts.get("peak_gpu_reserved_mb")
     out["peak_memory_mb"], out["memory_kind"] = (gpu, "gpu reserved") if gpu is not None else (facts.get("peak_rss_mb"), "rss")
@@ -203,20 +191,20 @@ def parse_weights(text: str | None) -> dict:
 
 def edge_inputs(r: dict, quality_key: str) -> dict | None:
     """The four raw quantities of a row, or None when one is missing."""
-    disk = None if r["model_mb"] is None or r["adapter_mb"] is None else r["model_mb"] + r["adapter_mb"]
-    values = {"quality": r[quality_key], "memory": r["peak_memory_mb"], "disk": disk, "time": r["train_seconds"]}
+    values = {"quality": r.get(quality_key), "memory": r["peak_memory_mb"], "disk": r["disk_mb"],
+              "time": r["train_seconds"]}
     return None if any(v is None for v in values.values()) else values
 
 
-def edge_scores(rows: list, quality: str = "perplexity", weights: dict | None = None,
+def edge_scores(rows: list, quality_key: str, higher: bool, weights: dict | None = None,
                 budget_mb: float | None = None) -> None:
-    """Set ``within_budget`` and ``edge_score`` on each row, in place (see the module doc)."""
-    key, higher, _ = QUALITY[quality]
+    """Set ``within_budget`` and ``edge_score`` on each row, in place (see the module doc);
+    the quality is the row's ``quality_key``, better when ``higher`` (else when lower)."""
     weights = weights or dict(WEIGHTS)
     for r in rows:
         r["within_budget"] = None if budget_mb is None or r["peak_memory_mb"] is None else r["peak_memory_mb"] <= budget_mb
     scored = [(r, v) for r in rows if r["status"] == "ok" and r["within_budget"] is not False
-              and (v := edge_inputs(r, key)) is not None]
+              and (v := edge_inputs(r, quality_key)) is not None]
     if not scored:
         return
     best = {k: (max if k == "quality" and higher else min)(v[k] for _, v in scored) for k in WEIGHTS}
@@ -235,26 +223,28 @@ def _ratio(value: float, best: float, higher: bool) -> float:
     return 1.0 if value == best else (best / value if value > 0 else 0.0)
 
 
-def columns(meta: dict) -> dict:
-    """The table's columns: :data:`COLUMNS`, with :data:`EXPORT_COLUMNS` before "error" when
-    the grid was given --export-quant."""
+def columns(rows: list, meta: dict) -> dict:
+    """The table's columns: the cell, the metrics the rows hold, the costs, the export
+    columns (with --export-quant), the error."""
+    fixed = {*HEAD, *COSTS, *EXPORT_COLUMNS, "error", "export_error"}
+    found = compare_metrics.columns(k for r in rows for k in r if k not in fixed)
     extra = EXPORT_COLUMNS if meta.get("export_quant") else {}
-    return {**{k: v for k, v in COLUMNS.items() if k != "error"}, **extra, "error": COLUMNS["error"]}
+    return {**HEAD, **found, **COSTS, **extra, "error": "error"}
 
 
 def write_tables(rows: list, out_dir: Path, meta: dict, plots: list) -> None:
     """comparison.csv, comparison.json and comparison.md under ``out_dir``."""
     with open(out_dir / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns(meta)), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns(rows, meta)), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "comparison.json").write_text(json.dumps({**meta, "columns": columns(meta), "rows": rows}, indent=2))
+    (out_dir / "comparison.json").write_text(json.dumps({**meta, "columns": columns(rows, meta), "rows": rows}, indent=2))
     (out_dir / "comparison.md").write_text(markdown(rows, meta, plots))
 
 
 def markdown(rows: list, meta: dict, plots: list) -> str:
     """The comparison for people: the table, the edge-score definition, the plots, failures."""
-    heads = columns(meta)
+    heads = columns(rows, meta)
     shown = [k for k in heads if k not in ("error", "memory_kind")
              and (k != "within_budget" or meta.get("memory_budget_mb") is not None)
              and any(r.get(k) is not None for r in rows)]
@@ -265,8 +255,9 @@ def markdown(rows: list, meta: dict, plots: list) -> str:
     lines += ["", f"Peak memory is GPU reserved where a GPU was used, else process RSS "
               f"({', '.join(sorted({r['memory_kind'] for r in rows if r['memory_kind']})) or 'none'}).",
               "", "**Edge score** = Q^{quality:.2f} · M^{memory:.2f} · D^{disk:.2f} · T^{time:.2f}: ".format(**w)
-              + f"Q = quality ({QUALITY[meta['edge_quality']][2]}) relative to the best row, M, D, T = "
-              "least peak memory, disk (model MB + adapter MB) and train seconds over this row's; "
+              + f"Q = quality (`{meta['edge_quality']}`: {meta['edge_quality_label']}) relative to the best row, "
+              "M, D, T = least peak memory, disk (quantized model MB + adapter MB on disk) and train "
+              "seconds over this row's; "
               "1 = best in every respect. Scores compare rows of this grid only."]
     if meta.get("memory_budget_mb") is not None:
         lines.append(f"Memory budget: {meta['memory_budget_mb']:.0f} MiB; rows over it get no edge score.")
@@ -292,14 +283,29 @@ def _cell(value) -> str:
     return str(value).replace("|", "¦")
 
 
-def compare(quants: list, adapters: list, output_dir, flags: list, budget: str | None = None,
-            quality: str = "perplexity", weights: str | None = None, model: str | None = None,
-            say=print, export_quant: str | None = None) -> list:
-    """Check every spec, run the grid (resuming), write the tables and plots; returns the rows."""
-    from qpeft.core import compare_plots
+def run_evaluators(flags: list) -> list[str]:
+    """The evaluator specs the cells run with: every ``--evaluators`` among ``flags`` (the flag
+    may repeat), else the run's default. ``qpeft compare`` passes the resolved ones instead."""
+    from qpeft.core.config import DEFAULT_EVALUATORS
+    from qpeft.core.spec import split_list
 
-    if quality not in QUALITY:
-        raise QpeftError(f"unknown edge quality '{quality}'; use one of {', '.join(QUALITY)}")
+    given = [v for flag, v in zip(flags, [*flags[1:], None]) if flag == "--evaluators" and v is not None]
+    given += [f.partition("=")[2] for f in flags if f.startswith("--evaluators=")]
+    return split_list(given or DEFAULT_EVALUATORS)
+
+
+def compare(quants: list, adapters: list, output_dir, flags: list, budget: str | None = None,
+            quality: str | None = None, weights: str | None = None, model: str | None = None,
+            say=print, export_quant: str | None = None, evaluators: list | None = None) -> list:
+    """Check every spec, run the grid (resuming), write the tables and plots; returns the rows.
+
+    ``quality`` is ``EVALUATOR[:METRIC]`` (None: the first of ``evaluators`` — the cells'
+    evaluator specs, by default read from ``flags`` — with a primary metric)."""
+    from qpeft.core import compare_plots, registry
+
+    reg = registry.default()
+    evaluators = run_evaluators(flags) if evaluators is None else list(evaluators)
+    edge = compare_metrics.resolve_quality(quality, evaluators, reg)
     budget_mb, weight_map = parse_memory(budget), parse_weights(weights)
     output_dir = Path(output_dir)
     cells = grid(quants, adapters)
@@ -307,6 +313,7 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     if problems:
         raise QpeftError("; ".join(problems) + "; nothing was run: fix or drop the spec"
                          + ("s" if len(problems) > 1 else ""))
+    say(f"qpeft: {len(cells)} combinations: " + ", ".join(f"{c.quant} × {c.adapter}" for c in cells))
     exports = {}
 
     def measure_export(cell):
@@ -314,16 +321,17 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
 
         exports[cell.name] = requant.compare_columns(output_dir / cell.name, export_quant, say)
     errors = run_grid(cells, output_dir, flags, say, measure_export if export_quant else None)
-    rows = [row(c, errors[c.name], output_dir / c.name) for c in cells]
+    rows = [row(c, errors[c.name], output_dir / c.name, reg) for c in cells]
     if export_quant:
         for r, c in zip(rows, cells):
             r.update(exports.get(c.name) or dict.fromkeys(EXPORT_COLUMNS))
-    edge_scores(rows, quality, weight_map, budget_mb)
+    edge_scores(rows, edge.key, edge.higher, weight_map, budget_mb)
     meta = {"model": model or "SmolLM2-135M-Instruct (embedded)", "quants": quants, "adapters": adapters,
-            "run_flags": flags, "memory_budget_mb": budget_mb, "edge_quality": quality, "edge_weights": weight_map,
-            "export_quant": export_quant}
+            "evaluators": evaluators, "run_flags": flags, "memory_budget_mb": budget_mb,
+            "edge_quality": f"{edge.evaluator}:{edge.metric}", "edge_quality_label": edge.label,
+            "edge_quality_key": edge.key, "edge_weights": weight_map, "export_quant": export_quant}
     plots = compare_plots.plot_all(rows, [output_dir / c.name for c in cells], output_dir,
-                                   QUALITY[quality][0], QUALITY[quality][2], budget_mb)
+                                   edge.key, edge.label, budget_mb)
     write_tables(rows, output_dir, meta, plots)
     say(f"qpeft: compared {len(rows)} combinations; see {output_dir / 'comparison.md'}")
     return rows

@@ -13,8 +13,16 @@ import typing
 from pathlib import Path
 
 from qpeft.core import options as opts
+from qpeft.core import spec as specs
 from qpeft.core.errors import OptionsError, QpeftError, unknown
 from qpeft.core.trainer import TrainConfig
+
+
+# The only built-in plugin names the core holds: what runs when nothing is chosen.
+DEFAULT_QUANT, DEFAULT_ADAPTER = "nf4", "lora"
+DEFAULT_EVALUATORS = "perplexity;accuracy;prompts;footprint"
+DEFAULT_GRID = {"quant": "none;nf4;hqq", "adapter": "lora;lora+rslora;dora"}   # qpeft compare
+LIST_SETTINGS = ("evaluators",)     # a list of specs: "a;b", a repeated flag or a YAML list
 
 
 @dataclasses.dataclass
@@ -31,10 +39,10 @@ class RunConfig:
     skip_bad_lines: bool = False
     validation_split: float = 0.2
     packing: bool = False
-    quant: str = "nf4"
-    adapter: str = "lora"              # "" with init_adapter: the spec comes from that directory
+    quant: str = DEFAULT_QUANT
+    adapter: str = DEFAULT_ADAPTER     # "" with init_adapter: the spec comes from that directory
     init_adapter: str | None = None    # an adapter directory (PEFT format) whose weights training starts from
-    evaluators: str = "perplexity,accuracy,prompts,footprint"
+    evaluators: str = DEFAULT_EVALUATORS  # specs joined by ';' (core/spec.py)
     eval_limit: int = 0                # 0: every example
     name: str | None = None
     output_dir: str = "runs"
@@ -131,7 +139,7 @@ def build(file: str | None, flags: dict, base: dict | None = None) -> RunConfig:
             errors.append(unknown("setting", str(raw_key), [k.replace("_", "-") for k in [*top, *train]]))
             continue
         try:
-            target[key] = opts.coerce(value, types[key], _flag(key))
+            target[key] = opts.coerce(spec_setting(key, value), types[key], _flag(key))
         except OptionsError as exc:
             errors.append(str(exc))
         except OverflowError:           # int(float('inf'))
@@ -148,6 +156,20 @@ def build(file: str | None, flags: dict, base: dict | None = None) -> RunConfig:
     if errors:
         raise OptionsError("; ".join(errors))
     return cfg
+
+
+def spec_setting(key: str, value):
+    """A list of specs (:data:`LIST_SETTINGS`) checked and joined by ';'; a single spec
+    given as a list is refused. Other settings pass through."""
+    if key in LIST_SETTINGS:
+        try:
+            return specs.join_list(value)
+        except OptionsError as exc:
+            raise OptionsError(f"{_flag(key)}: {exc}") from None
+    if key in ("quant", "adapter") and isinstance(value, (list, tuple)):
+        raise OptionsError(f"{_flag(key)} takes one spec, got a list; to try several, use "
+                           f"'qpeft compare {_flag(key)} \"{';'.join(map(str, value))}\"'")
+    return value
 
 
 def range_errors(cfg: RunConfig) -> list[str]:
@@ -244,9 +266,24 @@ def saved_settings(resolved: dict, run_dir) -> dict:
     """A run's settings as flat flag values (resume/overwrite cleared), to build on."""
     flat = dict(resolved["config"])
     flat.update(flat.pop("train", None) or {})
+    if isinstance(flat.get("evaluators"), str):
+        flat["evaluators"] = _recorded_evaluators(flat["evaluators"], resolved.get("evaluators"))
     flat.update(resume=False, overwrite=False, name=Path(run_dir).name,
                 output_dir=str(Path(run_dir).parent))
     return flat
+
+
+def _recorded_evaluators(text: str, records) -> str:
+    """The evaluators setting of a run record in today's grammar. Records written before
+    ';' separated specs hold a comma-separated list; the evaluator names recorded beside
+    it tell which grammar wrote the text, so nothing is guessed."""
+    names = [r.get("name") for r in records or () if isinstance(r, dict)]
+    if ";" in text or "," not in text or (names and len(names) == 1):
+        return text
+    legacy = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or [s.split(":")[0].split("+")[0] for s in legacy] == names:
+        return specs.SEPARATOR.join(legacy)
+    return text
 
 
 # -- config files ------------------------------------------------------------------------

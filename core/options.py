@@ -83,7 +83,8 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
         return coerce(value, inner[0], where) if len(inner) == 1 else value
     if origin is Literal:
         if value not in args:
-            raise OptionsError(f"{where} must be one of {', '.join(map(str, args))}; got '{value}'")
+            raise OptionsError(f"{where} must be one of {', '.join(map(str, args))}; got '{value}'"
+                               + _comma_hint(value))
         return value
     if origin in (tuple, list):
         items = value.split(",") if isinstance(value, str) else value
@@ -99,14 +100,14 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise OptionsError(f"{where} expects true or false, got {value!r}")
+        raise OptionsError(f"{where} expects true or false, got {value!r}" + _comma_hint(value))
     if typ in (int, float):
         if isinstance(value, bool):
             raise OptionsError(f"{where} expects {typ.__name__}, got {value!r}")
         try:
             out = typ(value)
         except (TypeError, ValueError):
-            raise OptionsError(f"{where} expects {typ.__name__}, got {value!r}") from None
+            raise OptionsError(f"{where} expects {typ.__name__}, got {value!r}" + _comma_hint(value)) from None
         if typ is int and isinstance(value, float) and value != out:
             raise OptionsError(f"{where} expects int, got {value!r}")
         return out
@@ -115,6 +116,13 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
             raise OptionsError(f"{where} expects text, got {value!r}")
         return value
     return value
+
+
+def _comma_hint(value) -> str:
+    """For a one-value option given ``"4,dora"``: commas are list items, not a list of specs."""
+    if isinstance(value, str) and "," in value:
+        return "; ',' separates the items of a list option only: separate specs with ';'"
+    return ""
 
 
 def _type_name(typ) -> str:

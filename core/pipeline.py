@@ -23,6 +23,7 @@ from qpeft.core.config import RunConfig
 from qpeft.core.errors import QpeftError
 from qpeft.core.evaluator import EvalContext
 from qpeft.core.plugin import Plugin
+from qpeft.core.quantizer import model_bytes
 from qpeft.core.spec import parse, split_list
 from qpeft.core.trainer import Trainer, seed_everything
 from qpeft.core.version import __version__
@@ -165,7 +166,7 @@ def evaluate_variants(p: Plan, model, ctx, facts, say) -> dict:
     """Extra "after" evaluations an adapter method asks for through the optional hook
     ``report_variants(model) -> {label: apply}`` (QDyLoRA: one per rank). The adapter is
     saved before this, so the variants change only what is evaluated."""
-    variants = getattr(p.adapter.method, "report_variants", lambda m: {})(model)
+    variants = p.adapter.method.report_variants(model)
     out = {}
     for label, apply in variants.items():
         apply()
@@ -199,6 +200,7 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     model, tokenizer, loaded = streaming.load_quantized(cfg.model, p.quantizer, device, progress=world.is_main,
                                                         keep_source=p.adapter.needs_source_weights)
     facts = {"model_mb_before": round(loaded["model_mb_before"], 2),
+             "quantized_model_mb": round(model_bytes(model) / 2**20, 2),
              "quantize_seconds": round(loaded["quantize_seconds"], 2)}
     run_dir = open_run_dir(cfg, mode, resolved) if world.is_main else cfg.run_dir
     world.barrier()
@@ -239,6 +241,7 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
     after.update(evaluate_variants(p, model, ctx, facts, say))
     out = report.build(resolved, before, after, facts, result, stats)
+    out["higher_is_better"] = {e.name: dict(e.higher_is_better) for e in p.evaluators}  # for compare
     if world.is_main:
         report.write(run_dir, out, result.history)
         say(f"qpeft: done; report at {run_dir / 'report.md'}")

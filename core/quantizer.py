@@ -81,6 +81,7 @@ class Quantizer(Plugin):
 
     kind: ClassVar[str] = "quantizer"
     Options: ClassVar[type] = QuantizerOptions
+    required_methods = ("quantize_linear",)
 
     def __init__(self, options=None, **values):
         super().__init__(options, **values)

@@ -64,7 +64,7 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None) -> Rebuilt:
 
 def check_rank(composition, rank: int | None, used: str) -> None:
     """``--rank`` only for a method with the ``select_rank`` hook (checked before loading)."""
-    if rank is not None and not hasattr(composition.method, "select_rank"):
+    if rank is not None and not composition.method.implements("select_rank"):
         raise QpeftError(f"--rank needs a dynamic-rank adapter such as qdylora; {used}; drop --rank")
 
 

@@ -5,6 +5,11 @@ name; every other plugin keeps working. ``QPEFT_STRICT_PLUGINS=1`` makes a failu
 ``QPEFT_DISABLE_PLUGIN_AUTOLOAD=1`` loads the built-ins only. Built-in modules are found by
 walking ``qpeft.plugins`` — there is no hand-kept list — and register through the very
 hooks a third-party package implements.
+
+``register(cls)`` checks each class fully (:meth:`Plugin.problems`: role, slots, required
+methods, misspelled hooks; then, once all are in, :meth:`Plugin.problems_among`: a modifier
+of a slot no method declares). A refused class is a failure like a broken module: reported
+by name, class and distribution, and skipped — or fatal under ``QPEFT_STRICT_PLUGINS=1``.
 """
 import dataclasses
 import importlib
@@ -111,8 +116,32 @@ class Registry:
                 register = self._registrar(kind, origin)
                 try:
                     impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
+                except PluginLoadError:
+                    raise                       # strict mode: already one line
                 except Exception as exc:
                     self._fail(self.pm.get_name(impl.plugin).split(":")[-1], origin, exc)
+        self._check_peers()
+
+    def _check_peers(self) -> None:
+        """Once all are registered, drop classes whose problems show only beside their peers
+        (a modifier of a slot no method has); repeated, since a dropped method can orphan a
+        modifier."""
+        dropped = True
+        while dropped:
+            dropped = False
+            for plugins in self.plugins.values():
+                for name, cls in list(plugins.items()):
+                    problems = cls.problems_among(plugins)
+                    if problems:
+                        del plugins[name]
+                        self._refuse(cls, problems)
+                        dropped = True
+
+    def _refuse(self, cls, problems: list[str]) -> None:
+        """Report a class that cannot be registered, by name, class and distribution."""
+        error = QpeftError(f"{cls.kind} class {cls.__module__}.{cls.__qualname__} "
+                           f"{'; '.join(problems)}")
+        self._fail(cls.name or cls.__name__, cls.origin or BUILTIN, error)
 
     def _registrar(self, kind: str, origin: Origin):
         def register(cls):
@@ -124,6 +153,10 @@ class Registry:
             if existing is not None and existing is not cls:
                 raise QpeftError(f"{kind} '{cls.name}' is already provided by {existing.origin}")
             cls.origin = origin
+            problems = cls.problems()
+            if problems:           # reported and skipped; the hook's other classes still register
+                self._refuse(cls, problems)
+                return cls
             self.plugins[kind][cls.name] = cls
             return cls
         return register

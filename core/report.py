@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def brief(metrics: dict) -> str:
-    """``perplexity=12.3 accuracy=0.41`` for progress lines (numbers only, few of them)."""
+    """``loss=2.31 pass_rate=0.5`` for progress lines (numbers only, few of them)."""
     shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k][:4]
     if "error" in metrics:
         return f"error: {metrics['error']}"

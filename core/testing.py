@@ -2,8 +2,14 @@
 
 For fast tests — qpeft's own and plugin authors'. Building it takes well under a second
 once the embedded model's conversion is cached; ``--model tiny`` (any command) loads the
-copy :func:`tiny_model_dir` keeps in the cache.
+copy :func:`tiny_model_dir` keeps in the cache. The conformance kit
+(``check_quantizer``, ``check_adapter``, ``check_evaluator``) lives in
+:mod:`qpeft.core.conformance` and is re-exported here.
 """
+from qpeft.core.conformance import adapt, check_adapter, check_evaluator, check_quantizer
+
+__all__ = ["adapt", "check_adapter", "check_evaluator", "check_quantizer", "registry_with",
+           "save_tiny_model", "tiny_model", "tiny_model_and_tokenizer", "tiny_model_dir"]
 TINY = "tiny"
 
 
@@ -74,3 +80,15 @@ def tiny_model_dir() -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+
+def registry_with(*modules):
+    """A fresh registry of the built-ins plus plugin ``modules``, loaded as their entry points
+    would be: for a plugin's tests run from a checkout without installing it."""
+    import importlib.metadata
+
+    from qpeft.core.registry import Registry
+
+    return Registry(entry_points=[importlib.metadata.EntryPoint(m.__name__, m.__name__, "qpeft")
+                                  for m in modules])

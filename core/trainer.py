@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from qpeft.core import checkpoint, distributed, memory
+from qpeft.core import checkpoint, distributed, lean, memory
 from qpeft.core.errors import QpeftError
 from qpeft.core.loss import token_loss_sum
 from qpeft.core.optim import build_optimizer, build_schedule
@@ -101,11 +101,12 @@ class Trainer:
                  hooks=(), evaluate=None, say=print):
         self.model, self.batches, self.cfg, self.say = model, batches, config, say
         self.run_dir, self.device = Path(run_dir), torch.device(device)
-        self.hooks = [h for h in hooks if hasattr(h, "on_step_begin")]
+        self.hooks = list(hooks)   # plugins: on_step_begin is declared on Plugin
         self.evaluate = evaluate
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters; attach an adapter first")
+        lean.make_lean(model)      # same values and gradients, less held for backward
         self.dist = distributed.current()
         if config.batch_size % (config.grad_accum * self.dist.world) != 0:
             raise TrainingError(f"--batch-size {config.batch_size} must be divisible by --grad-accum "

@@ -14,7 +14,9 @@ from qpeft.core.errors import QpeftError
 QUANTS = ["none:compute_dtype=float32", "hqq"]
 ADAPTERS = ["lora:r=4", "ia3"]
 FLAGS = ["--steps", "2", "--eval-limit", "4", "--save-every", "100", "--batch-size", "2",
-         "--evaluators", "perplexity,prompts:max_new_tokens=4,footprint"]
+         "--evaluators", "perplexity;prompts:max_new_tokens=4", "--evaluators", "footprint"]
+PPL, PASS = "perplexity:perplexity:after", "prompts:pass_rate:after"
+TRAINABLE, MODEL_MB = "footprint:trainable_params:after", "footprint:model_mb:after"
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +34,24 @@ def test_the_grid_writes_tables_and_plots_with_a_row_per_combination(grid_dir):
     table = json.loads((grid_dir / "comparison.json").read_text())
     rows = table["rows"]
     assert "export_ppl_shipped" not in table["columns"] and "export_ppl_shipped" not in rows[0]
+    assert table["edge_quality"] == "perplexity:perplexity"       # the first evaluator's primary metric
+    assert list(table["columns"])[:9] == [
+        "quant", "adapter", "status", "perplexity:perplexity:before", PPL, "perplexity:eval_loss:before",
+        "perplexity:eval_loss:after", "prompts:pass_rate:before", PASS]
+    assert table["columns"][PPL] == "perplexity after" and table["columns"][PASS] == "prompts pass_rate after"
+    assert "footprint:model_mb:before" not in table["columns"]    # footprint compares "after" only
     assert [(r["quant"], r["adapter"]) for r in rows] == [(q, a) for q in QUANTS for a in ADAPTERS]
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 4
     for r in ok:
-        assert r["trainable_params"] > 0 and r["ppl_after"] > 1 and r["peak_memory_mb"] > 0
-        assert r["train_seconds"] > 0 and r["prompts_pass_rate"] is not None
+        assert r[TRAINABLE] > 0 and r[PPL] > 1 and r["peak_memory_mb"] > 0
+        assert r["train_seconds"] > 0 and r[PASS] is not None and r["disk_mb"] > r[MODEL_MB]
         assert 0 < r["edge_score"] <= 1 and r["within_budget"] is True
     assert max(r["edge_score"] for r in ok) < 1 or len({r["edge_score"] for r in ok}) > 1
     hqq = {r["adapter"]: r for r in ok if r["quant"] == "hqq"}
     none = {r["adapter"]: r for r in ok if r["quant"] != "hqq"}
-    assert hqq["lora:r=4"]["model_mb"] < none["lora:r=4"]["model_mb"]
-    assert hqq["ia3"]["trainable_params"] < hqq["lora:r=4"]["trainable_params"]
+    assert hqq["lora:r=4"][MODEL_MB] < none["lora:r=4"][MODEL_MB]
+    assert hqq["ia3"][TRAINABLE] < hqq["lora:r=4"][TRAINABLE]
     with open(grid_dir / "comparison.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
 
@@ -52,7 +60,7 @@ def test_export_quant_adds_the_merge_cost_of_each_finished_cell(grid_dir, tiny_d
     rows = compare.compare(QUANTS, ADAPTERS, grid_dir, FLAGS + ["--model", tiny_dir], model=tiny_dir,
                            say=lambda _: None, export_quant="none:compute_dtype=float32")
     for r in rows:
-        assert r["export_ppl_trained"] == pytest.approx(r["ppl_after"], rel=1e-4)
+        assert r["export_ppl_trained"] == pytest.approx(r[PPL], rel=1e-4)
         assert r["export_ppl_merged"] == pytest.approx(r["export_ppl_trained"], rel=1e-2)
         assert r["export_gap_pct"] == pytest.approx(
             100 * (r["export_ppl_shipped"] / r["export_ppl_trained"] - 1), abs=1e-2)
@@ -80,7 +88,7 @@ def test_a_rerun_skips_finished_cells(grid_dir, tiny_dir):
     reports = sorted(grid_dir.glob("*/report.json"))
     assert len(reports) == 4
     before = {p: p.stat().st_mtime_ns for p in reports}
-    result = CliRunner().invoke(cli, ["compare", "--quant", ",".join(QUANTS), "--adapter", ",".join(ADAPTERS),
+    result = CliRunner().invoke(cli, ["compare", "--quant", ";".join(QUANTS), "--adapter", ADAPTERS[0], "--adapter", ADAPTERS[1],
                                       "--model", tiny_dir, "--output-dir", str(grid_dir),
                                       "--memory-budget", "1MB", *FLAGS])
     assert result.exit_code == 0, result.output
@@ -103,17 +111,20 @@ def test_a_cell_failing_at_run_time_records_its_last_stderr_line(tiny_dir, tmp_p
 
 
 def test_edge_score_is_the_weighted_geometric_mean_of_ratios_to_the_best():
-    def r(ppl, mem, model_mb, secs):
-        return {"status": "ok", "ppl_after": ppl, "peak_memory_mb": mem, "model_mb": model_mb,
-                "adapter_mb": 0.0, "train_seconds": secs, "edge_score": None}
+    def r(ppl, mem, disk, secs):
+        return {"status": "ok", PPL: ppl, "peak_memory_mb": mem, "disk_mb": disk,
+                "train_seconds": secs, "edge_score": None}
     rows = [r(10.0, 1000, 100, 10), r(20.0, 500, 50, 20), r(5.0, 4000, 100, 10)]
-    compare.edge_scores(rows, "perplexity", compare.WEIGHTS, budget_mb=2000)
+    compare.edge_scores(rows, PPL, False, compare.WEIGHTS, budget_mb=2000)
     # the third row is over the budget: no score, and not a reference (best ppl is 10, not 5)
     a = (10 / 10) ** 0.4 * (500 / 1000) ** 0.2 * (50 / 100) ** 0.2 * (10 / 10) ** 0.2
     b = (10 / 20) ** 0.4 * 1 * 1 * (10 / 20) ** 0.2
     assert rows[0]["edge_score"] == pytest.approx(a, abs=1e-4)
     assert rows[1]["edge_score"] == pytest.approx(b, abs=1e-4)
     assert rows[2]["within_budget"] is False and rows[2]["edge_score"] is None
+    rows = [r(0.5, 1000, 100, 10), r(0.25, 1000, 100, 10)]   # the same key, read as higher-is-better
+    compare.edge_scores(rows, PPL, True, {"quality": 1.0, "memory": 0, "disk": 0, "time": 0})
+    assert [row["edge_score"] for row in rows] == [1.0, 0.5]
     assert math.isclose(sum(compare.parse_weights("quality=2,time=2").values()), 1.0)
 
 
@@ -135,13 +146,23 @@ def _no_cell(*args, **kwargs):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--quant", "none,bogus"], ["--quant 'bogus': unknown quantizer 'bogus'", "nothing was run"]),
-    (["--quant", "none,bogus", "--adapter", "lora,lora:r=-1"],
+    (["--quant", "none;bogus"], ["--quant 'bogus': unknown quantizer 'bogus'", "nothing was run"]),
+    (["--quant", "none;bogus", "--adapter", "lora;lora:r=-1"],
      ["--quant 'bogus': unknown quantizer", "--adapter 'lora:r=-1': adapter 'lora': r must be at least 1",
       "fix or drop the specs"]),
     (["--lr", "-1"], ["--lr must be > 0, got -1.0; e.g. --lr 3e-4"]),
     (["--export-quant", "bogus"], ["--export-quant 'bogus': unknown quantizer 'bogus'", "nothing was run"]),
     (["--batch-size", "0", "--device", "bogus"], ["--batch-size must be ≥ 1", "--device must be auto"]),
+    (["--quant", "none,nf4"], ["--quant: 'none,nf4': a plugin name cannot hold ','", "(e.g. 'none;nf4')"]),
+    (["--adapter", "lora:r=4,dora"], ["option 'r' expects int, got '4,dora'", "separate specs with ';'"]),
+    (["--evaluators", "perplexity,prompts"], ["--evaluators: 'perplexity,prompts': a plugin name cannot"]),
+    (["--edge-quality", "perplexity:pass_rate"],
+     ["--edge-quality 'perplexity:pass_rate': evaluator 'perplexity' declares no direction for 'pass_rate'; "
+      "use one of perplexity:perplexity, perplexity:eval_loss"]),
+    (["--edge-quality", "perplexty"], ["--edge-quality 'perplexty': unknown evaluator 'perplexty'; "
+                                       "did you mean 'perplexity'? Available: "]),
+    (["--edge-quality", "mmlu", "--evaluators", "perplexity"],
+     ["--edge-quality 'mmlu': 'mmlu' is not among --evaluators (perplexity); add it"]),
 ])
 def test_bad_specs_and_flags_stop_the_grid_before_any_cell_runs(monkeypatch, tmp_path, args, expected):
     monkeypatch.setattr(compare, "run_cell", _no_cell)
@@ -152,3 +173,92 @@ def test_bad_specs_and_flags_stop_the_grid_before_any_cell_runs(monkeypatch, tmp
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert all(part in lines[0] for part in expected), lines[0]
     assert not out.exists()
+
+
+def test_compare_runs_exactly_the_cells_written_from_flags_or_a_config_file(monkeypatch, tmp_path):
+    started = []
+
+    def fake_run_cell(cell, output_dir, flags, log_dir):
+        started.append((cell.quant, cell.adapter))
+        return "not run in this test"
+    monkeypatch.setattr(compare, "run_cell", fake_run_cell)
+    result = CliRunner().invoke(cli, ["compare", "--output-dir", str(tmp_path / "a"), "--quant", "none",
+                                      "--quant", "hqq:nbits=4", "--adapter", "lora:r=4:targets=q_proj,v_proj;dora"])
+    assert result.exit_code == 0, result.output
+    assert started == [("none", "lora:r=4:targets=q_proj,v_proj"), ("none", "dora"),
+                       ("hqq:nbits=4", "lora:r=4:targets=q_proj,v_proj"), ("hqq:nbits=4", "dora")]
+    assert "4 combinations: none × lora:r=4:targets=q_proj,v_proj, none × dora, " in result.stderr
+    started.clear()
+    file = tmp_path / "grid.yaml"
+    file.write_text('quant: [none, "hqq:nbits=4"]\nadapter: "lora:targets=q_proj,v_proj"\n'
+                    'evaluators: [perplexity, "prompts:max_new_tokens=4"]\n')
+    result = CliRunner().invoke(cli, ["compare", "--output-dir", str(tmp_path / "b"), "--config", str(file),
+                                      "--adapter", "ia3"])
+    assert result.exit_code == 0, result.output
+    assert started == [("none", "ia3"), ("hqq:nbits=4", "ia3")]        # the flag wins over the file
+    meta = json.loads((tmp_path / "b" / "comparison.json").read_text())
+    assert meta["evaluators"] == ["perplexity", "prompts:max_new_tokens=4"]
+    assert meta["edge_quality"] == "perplexity:perplexity"
+
+
+DISTINCT = '''
+from qpeft import hookimpl
+from qpeft.core.evaluator import Evaluator
+
+class Distinct(Evaluator):
+    name = "distinct"
+    description = "distinct-n of greedy answers"
+    higher_is_better = {"distinct_1": True, "distinct_2": True}
+    def evaluate(self, ctx):
+        return {}
+
+@hookimpl
+def register_evaluators(register):
+    register(Distinct)
+'''
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """The default registry with a third-party ``distinct`` evaluator from a fake distribution."""
+    from qpeft.core import registry
+    from test_registry import make_distribution
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    make_distribution(tmp_path, "qpeft-plugin-distinct", "0.1", "qpeft_distinct", DISTINCT, "distinct")
+    monkeypatch.setattr(registry, "_default", registry.Registry())
+    assert registry.default().get("evaluator", "distinct").origin.distribution == "qpeft-plugin-distinct"
+
+
+def fake_report(ppl: float, d2: float, disk: float) -> dict:
+    facts = {"quantized_model_mb": disk, "adapter_disk_mb": 0.0, "peak_rss_mb": 100.0, "train_seconds": 10.0}
+    after = {"perplexity": {"perplexity": ppl, "eval_tokens": 50},
+             "distinct": {"distinct_1": 0.5, "distinct_2": d2, "n": 40}}
+    return {"before": {"perplexity": {"perplexity": 2 * ppl}, "distinct": {"distinct_2": 0.1}},
+            "after": after, "facts": facts}
+
+
+def test_a_third_party_evaluator_gets_columns_and_can_be_the_edge_quality(third_party, monkeypatch, tmp_path):
+    reports = {"none-lora": fake_report(10.0, 0.8, 100.0), "none-ia3": fake_report(5.0, 0.4, 100.0)}
+
+    def fake_run_cell(cell, output_dir, flags, log_dir):
+        (output_dir / cell.name).mkdir()
+        (output_dir / cell.name / "report.json").write_text(json.dumps(reports[cell.name]))
+    monkeypatch.setattr(compare, "run_cell", fake_run_cell)
+    flags = ["--evaluators", "perplexity;distinct"]
+    rows = compare.compare(["none"], ["lora", "ia3"], tmp_path, flags, quality="distinct:distinct_2",
+                           weights="quality=1", say=lambda _: None)
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert table["columns"]["distinct:distinct_2:after"] == "distinct distinct_2 after"
+    assert "distinct:n:after" not in table["columns"]       # no direction declared: report.json only
+    assert [r["distinct:distinct_2:after"] for r in rows] == [0.8, 0.4]
+    assert [r["distinct:distinct_2:before"] for r in rows] == [0.1, 0.1]
+    assert [r["edge_score"] for r in rows] == [1.0, 0.5]     # higher is better: 0.4 / 0.8
+    assert table["edge_quality_label"] == "distinct distinct_2 after (higher is better)"
+    assert "| distinct distinct_2 after |" in (tmp_path / "comparison.md").read_text()
+    rows = compare.compare(["none"], ["lora", "ia3"], tmp_path, flags, weights="quality=1", say=lambda _: None)
+    assert [r["edge_score"] for r in rows] == [0.5, 1.0]     # the default: perplexity, lower is better
+    with pytest.raises(QpeftError) as err:
+        compare.compare(["none"], ["lora"], tmp_path, flags, quality="distinct", say=lambda _: None)
+    assert str(err.value) == ("--edge-quality 'distinct': evaluator 'distinct' has no primary metric; "
+                              "name one: distinct:distinct_1, distinct:distinct_2")

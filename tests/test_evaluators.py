@@ -25,6 +25,21 @@ def context(model, tokenizer, **kw):
                        prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer), **kw)
 
 
+# -- footprint ---------------------------------------------------------------------------
+def test_footprint_copies_every_run_fact_and_measures_its_own_numbers(tiny, tokenizer):
+    from qpeft.plugins.evaluators.footprint import Footprint
+
+    tiny.requires_grad_(False)
+    tiny.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)      # 64 × 64 trainable
+    facts = {"peak_rss_mb": 321.0, "a_fact_added_later": 7, "model_mb": -1.0}
+    got = Footprint().evaluate(context(tiny, tokenizer, facts=facts))
+    assert got["peak_rss_mb"] == 321.0 and got["a_fact_added_later"] == 7
+    assert got["trainable_params"] == 4096 and got["adapter_mb"] == round(4096 * 4 / 2**20, 3)
+    every = sum(p.numel() for p in {p.data_ptr(): p for p in tiny.parameters()}.values())
+    assert got["trainable_pct"] == round(100 * 4096 / (every - 4096), 4)
+    assert got["model_mb"] == round((every - 4096) * 4 / 2**20, 2)    # measured, not the fact's -1
+
+
 # -- perplexity --------------------------------------------------------------------------
 def test_perplexity_is_exp_of_the_mean_response_token_loss(tiny, tokenizer):
     total, count = 0.0, 0
@@ -201,7 +216,7 @@ def test_eval_rebuilds_the_run_exactly_and_at_a_lower_rank(saved_qdylora_run):
     record, path = evaluate_run(saved_qdylora_run, say=lambda _: None, device="cpu")
     reported = json.loads((saved_qdylora_run / "report.json").read_text())["after"]["perplexity"]
     assert record["results"]["perplexity"] == reported and path.name.startswith("eval-")
-    record, path = evaluate_run(saved_qdylora_run, "perplexity,prompts:max_new_tokens=2", rank=1,
+    record, path = evaluate_run(saved_qdylora_run, "perplexity;prompts:max_new_tokens=2", rank=1,
                                 say=lambda _: None, device="cpu")
     assert path.name == "eval-rank1.json" and json.loads(path.read_text())["rank"] == 1
     assert record["results"]["perplexity"]["perplexity"] != reported["perplexity"]

@@ -187,7 +187,7 @@ def test_options_are_checked_before_anything_loads(tmp_path, monkeypatch):
         LmEval.from_values({"batch_size": "0"})
     assert LmEval.from_values({"tasks": "a,b"}).options.tasks == ["a", "b"]
     monkeypatch.setitem(sys.modules, "lm_eval", None)       # as if it were not installed
-    result = CliRunner().invoke(cli, ["run", "--evaluators", "perplexity,lm-eval:tasks=qpeft_mc"])
+    result = CliRunner().invoke(cli, ["run", "--evaluators", "perplexity;lm-eval:tasks=qpeft_mc"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "Error: evaluator 'lm-eval': lm_eval is not installed: pip install 'qpeft[lm-eval]'"]
@@ -197,7 +197,7 @@ def test_a_run_reports_lm_eval_metrics_before_and_after(tiny_dir, tmp_path, no_n
     folder = task_dir(tmp_path)
     result = CliRunner().invoke(cli, [
         "run", "--model", tiny_dir, "--quant", "none:compute_dtype=float32", "--adapter", "lora:r=4",
-        "--evaluators", f"perplexity,lm-eval:tasks=my_mc:include_path={folder}", "--eval-limit", "4",
+        "--evaluators", f"perplexity;lm-eval:tasks=my_mc:include_path={folder}", "--eval-limit", "4",
         "--steps", "2", "--batch-size", "4", "--output-dir", str(tmp_path / "runs"), "--name", "r"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "runs" / "r" / "report.json").read_text())

@@ -56,7 +56,7 @@ def test_plugin_options_range_check_becomes_one_line():
 
 def test_spec_grammar():
     assert spec.parse("lora:r=8+loftq:iters=2") == [("lora", {"r": "8"}), ("loftq", {"iters": "2"})]
-    assert spec.split_list("none, nf4,hqq:nbits=2") == ["none", "nf4", "hqq:nbits=2"]
+    assert spec.split_list("none; nf4;hqq:nbits=2") == ["none", "nf4", "hqq:nbits=2"]
     assert spec.format_spec(spec.parse("hqq:nbits=2:group_size=32")) == "hqq:nbits=2:group_size=32"
     with pytest.raises(OptionsError, match="expected key=value, got 'r'"):
         spec.parse("lora:r")

@@ -11,7 +11,7 @@ REPORT_FIELDS = {"run", "quantizer", "adapter", "model", "qpeft_version", "befor
 
 def settings(tmp_path, **kw):
     base = {"model": None, "quant": "none:compute_dtype=float32", "adapter": "lora:r=4",
-            "evaluators": "perplexity,accuracy,footprint", "eval_limit": 8, "steps": 6,
+            "evaluators": "perplexity;accuracy;footprint", "eval_limit": 8, "steps": 6,
             "batch_size": 4, "lr": 1e-2, "log_every": 1, "save_every": 3, "output_dir": str(tmp_path),
             "progress": False}
     return config.build(None, {**base, **kw})
@@ -81,7 +81,7 @@ def test_names_are_checked_before_the_model_is_loaded(tmp_path):
 @pytest.mark.slow
 def test_pipeline_on_the_embedded_model_for_a_few_steps(tmp_path):
     cfg = settings(tmp_path, quant="nf4", adapter="lora", steps=6, lr=1e-3, eval_limit=12,
-                   evaluators="perplexity,footprint", name="embedded")
+                   evaluators="perplexity;footprint", name="embedded")
     report = pipeline.run(cfg, say=lambda _: None)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "embedded" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])

@@ -129,7 +129,7 @@ def _facts_without_timings(value):
 
 def test_the_same_seed_gives_bit_identical_adapters_and_reports(tiny_dir, tmp_path):
     for name in ("a", "b"):
-        result = invoke(*tiny_run(tiny_dir, tmp_path, name, "--evaluators", "perplexity,accuracy",
+        result = invoke(*tiny_run(tiny_dir, tmp_path, name, "--evaluators", "perplexity;accuracy",
                                   "--seed", "7"))
         assert result.exit_code == 0, result.output
     a, b = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("a", "b"))

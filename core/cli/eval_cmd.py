@@ -25,7 +25,8 @@ def _base_options(command):
 
 @click.command("eval")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--evaluators", help="comma-separated evaluator specs [default: the run's own]")
+@click.option("--evaluators", multiple=True,
+              help="evaluator specs separated by ';', or the flag repeated [default: the run's own]")
 @click.option("--rank", type=params.RANK, help="evaluate a dynamic-rank adapter (qdylora) at this rank ≤ its saved rank")
 @click.option("--limit", type=params.COUNT, help="at most N examples per split, 0 for all [default: the run's --eval-limit; 0 for an adapter]")
 @click.option("--device", default="auto", show_default=True, callback=params.device, help="cpu, cuda, cuda:1 or auto")
@@ -45,14 +46,15 @@ def eval_command(directory, evaluators, rank, limit, device, out, **base):
 
     \b
     Examples:
-      qpeft eval runs/nf4-lora --evaluators mmlu,prompts
+      qpeft eval runs/nf4-lora --evaluators "NAME;NAME:key=value"   # names: qpeft list evaluator
       qpeft eval runs/nf4-qdylora --rank 4
-      qpeft eval runs/nf4-lora --evaluators perplexity --limit 0
-      qpeft eval ./peft-lora --model ./base-model --quant nf4 --evaluators perplexity
+      qpeft eval runs/nf4-lora --limit 0
+      qpeft eval ./peft-lora --model ./base-model --quant nf4
     """
     from pathlib import Path
 
     say = lambda line: click.echo(line, err=True)  # noqa: E731
+    evaluators = evaluators or None     # the flag not given: ()
     given = {k: v for k, v in base.items() if v is not None}
     if (Path(directory) / "adapter_config.json").is_file() or (given and not (Path(directory) / "config.json").is_file()):
         out_record, path = evaluate_adapter(directory, given, evaluators, rank, limit, device, out, say)
@@ -79,7 +81,9 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     resolved = config.read_run(run_dir)
     cfg = rebuild.run_settings(resolved, run_dir)
     if evaluators:
-        cfg.evaluators = evaluators
+        from qpeft.core.spec import join_list
+
+        cfg.evaluators = join_list(evaluators)
     if limit is not None:
         cfg.eval_limit = limit
     cfg.init_adapter = None             # the run's own saved adapter is evaluated

@@ -13,7 +13,7 @@ def plugin_record(cls) -> dict:
               "origin": cls.origin.distribution if cls.origin else None,
               "version": cls.origin.version if cls.origin else None,
               "options": describe(cls.Options)}
-    record.update(getattr(cls, "listing_extras", lambda: {})())
+    record.update(cls.listing_extras())
     return record
 
 

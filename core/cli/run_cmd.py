@@ -5,8 +5,8 @@ from qpeft.core import config as run_config
 
 SETTINGS = [  # (flag, type, help) — the field is the flag with '_' for '-'
     ("--model", str, "Hugging Face id or directory, a .gguf file, or tiny (a random 2-layer test model) [default: embedded SmolLM2-135M-Instruct]"),
-    ("--quant", str, "quantizer spec, e.g. nf4, hqq:nbits=2, none [default: nf4]"),
-    ("--adapter", str, "adapter spec, e.g. lora, dora+loftq, lora:r=8+rslora [default: lora]"),
+    ("--quant", str, f"quantizer spec, e.g. hqq:nbits=2 [default: {run_config.DEFAULT_QUANT}]"),
+    ("--adapter", str, f"adapter spec, e.g. lora:r=8:targets=q_proj,v_proj+rslora [default: {run_config.DEFAULT_ADAPTER}]"),
     ("--init-adapter", click.Path(file_okay=False), "start from this adapter directory's weights: PEFT's format "
      "(adapter_config.json + adapter_model.safetensors) from PEFT, Unsloth, axolotl, LLaMA-Factory or qpeft; "
      "the adapter spec comes from it"),
@@ -15,7 +15,8 @@ SETTINGS = [  # (flag, type, help) — the field is the flag with '_' for '-'
     ("--data-format", click.Choice(["auto", "alpaca", "chat", "text"]), "format of --data [default: auto]"),
     ("--template", click.Choice(["auto", "chat", "alpaca"]), "prompt template [default: the model's chat template]"),
     ("--max-length", int, "maximum tokens per example [default: 256]"),
-    ("--evaluators", str, "comma-separated evaluator specs [default: perplexity,accuracy,prompts,footprint]"),
+    ("--evaluators", str, "evaluator specs separated by ';', or the flag repeated "
+     f"[default: {run_config.DEFAULT_EVALUATORS}]"),
     ("--eval-limit", int, "evaluate on at most N examples per split, 0 for all [default: 0]"),
     ("--steps", int, "optimizer steps; 0 to train for --epochs [default: 100]"),
     ("--epochs", float, "epochs when --steps is 0 [default: 1]"),
@@ -43,9 +44,13 @@ FLAGS = [("--resume", "continue RUN_DIR from its newest complete checkpoint"),
          ("--gradient-checkpointing", "recompute activations in backward to save memory")]
 
 
+REPEATABLE = ("--evaluators",)  # lists of specs (config.LIST_SETTINGS): the flag may repeat
+
+
 def _options(command):
     for flag, typ, help_text in reversed(SETTINGS):
-        command = click.option(flag, type=typ, default=None, help=help_text)(command)
+        many = flag in REPEATABLE
+        command = click.option(flag, type=typ, default=None, multiple=many, help=help_text)(command)
     for flag, help_text in reversed(FLAGS):
         command = click.option(flag, is_flag=True, default=None, help=help_text)(command)
     return click.option("--config", "config_file", type=click.Path(dir_okay=False),
@@ -63,6 +68,7 @@ def run_command(run_dir, config_file, **flags):
       qpeft run                                    # embedded model, nf4 + lora, bundled data
       qpeft run --quant nf4 --adapter dora
       qpeft run --quant hqq:nbits=2 --adapter lora+rslora --data train.jsonl
+      qpeft run --adapter "lora:targets=q_proj,v_proj" --evaluators "EVAL;EVAL:key=a,b"
       qpeft run --init-adapter ./my-peft-lora --quant nf4   # continue another tool's adapter
       qpeft run --resume runs/nf4-lora             # continue after an interruption
     """
@@ -74,8 +80,13 @@ def run_command(run_dir, config_file, **flags):
         if not flags.get("resume"):
             raise click.UsageError("RUN_DIR is only taken with --resume; use --name to name a new run")
         base = run_config.saved_settings(run_config.read_run(run_dir), run_dir)
-    cfg = run_config.build(config_file, {k: v for k, v in flags.items() if v is not None}, base)
+    cfg = run_config.build(config_file, given(flags), base)
     problem = run_config.device_problem(cfg.device)   # a resumed run's saved --device, too
     if problem:
         raise OptionsError(problem)
     pipeline.run(cfg, say=lambda line: click.echo(line, err=True))
+
+
+def given(flags: dict) -> dict:
+    """The flags given on the command line (a repeatable flag not given is an empty tuple)."""
+    return {k: v for k, v in flags.items() if v is not None and v != ()}

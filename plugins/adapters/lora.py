@@ -12,8 +12,8 @@ base model; s = α/r. The pieces a variant may replace:
 - **slots** filled by modifier plugins (see :class:`ScalingModifier`, :class:`InitModifier`):
   ``"scaling"`` (rsLoRA: α/√r) and ``"init"`` (LoftQ, OLoRA: A, B and possibly the base weight);
 - **methods of** :class:`LoRALinear` overridden by subclassing methods (DoRA, QDyLoRA):
-  ``forward``, ``lora_delta``, ``merged_weight``, ``finish_init``, ``base_changed``,
-  ``adapter_tensors``.
+  ``forward``, ``low_rank`` (the A, B, s in use), ``lora_delta``, ``merged_weight``,
+  ``finish_init``, ``base_changed``, ``adapter_tensors``.
 
 Everything here reaches the frozen weight only through the QuantizedLinear contract
 (``matmul``, ``dequantize``, ``set_weight``), so it works over any quantizer.
@@ -29,6 +29,7 @@ from qpeft import hookimpl
 from qpeft.core.adapter import Adapter
 from qpeft.core.errors import OptionsError, QpeftError
 from qpeft.core.options import option
+from qpeft.core.plugin import near_misses
 from qpeft.core.quantizer import DTYPES, QuantizedLinear
 
 ALL_LINEAR = "all-linear"
@@ -137,14 +138,17 @@ class LoRALinear(AdapterLayer):
         """Called once after the init modifier ran; DoRA sets its magnitude here."""
 
     # -- forward -------------------------------------------------------------------
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` in use: the update is ``s·B·A`` (QDyLoRA returns a rank slice)."""
+        return self.lora_A, self.lora_B, self.scaling
+
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``s·B·A·x`` in the adapter dtype (``x`` already dropped out)."""
-        x = x.to(self.lora_A.dtype)
-        return ((x @ self.lora_A.t()) * self.scaling) @ self.lora_B.t()  # s on the r-wide side
+        a, b, s = self.low_rank()
+        return ((x.to(a.dtype) @ a.t()) * s) @ b.t()  # s on the r-wide side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        return out + self.lora_delta(self.dropout(x)).to(out.dtype)
+        return add_low_rank(self.base(x), self.dropout(x), *self.low_rank())
 
     # -- merge and save ------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -160,6 +164,18 @@ class LoRALinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def add_low_rank(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 s: float) -> torch.Tensor:
+    """``out + s·(x·Aᵀ)·Bᵀ`` (Eq. 3's sum). Where ``out`` is in the adapter dtype the scale
+    and the sum ride inside one GEMM (``addmm``: C ← C + s·P·Bᵀ), so the out-wide update is
+    never a tensor of its own and no elementwise pass reads it back."""
+    z = x.to(a.dtype) @ a.t()
+    if out.dtype != b.dtype:
+        return out + ((z * s) @ b.t()).to(out.dtype)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]), b.t(), alpha=s)
+    return flat.view(out.shape)
 
 
 # -- model-level helpers shared by every method ------------------------------------------
@@ -320,10 +336,18 @@ class LoRA(AdapterMethod):
 
     name = "lora"
     description = "LoRA: a trainable low-rank update s·B·A beside each frozen layer (Hu et al. 2021)"
-    slots = frozenset({"scaling", "init"})
+    slots = {"scaling": ScalingModifier, "init": InitModifier}  # slot -> what fills it
     Options = LoRAOptions
     layer_cls: ClassVar[type[LoRALinear]] = LoRALinear
     peft_type = "LORA"
+
+    @classmethod
+    def problems(cls) -> list[str]:
+        """Adapter's checks, plus: ``layer_cls`` is a LoRALinear with no misspelled hook."""
+        if not (isinstance(cls.layer_cls, type) and issubclass(cls.layer_cls, LoRALinear)):
+            return [*super().problems(), f"has layer_cls={cls.layer_cls!r}, not a LoRALinear subclass"]
+        return [*super().problems(), *(f"{cls.layer_cls.__name__} {p}"
+                                       for p in near_misses(cls.layer_cls, LoRALinear))]
 
     @property
     def rank(self) -> int:

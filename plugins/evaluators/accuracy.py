@@ -25,6 +25,7 @@ class Accuracy(Evaluator):
     description = "Exact-match accuracy of greedy answers on the held-out test split"
     Options = AccuracyOptions
     higher_is_better = {"accuracy": True}
+    primary_metric = "accuracy"
 
     def evaluate(self, ctx):
         cases = [e for e in ctx.test if e.answer is not None]

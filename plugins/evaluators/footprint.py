@@ -1,8 +1,9 @@
 """``footprint``: what a combination costs — sizes, trainable parameters, memory, time.
 
 The thesis' cost columns: trainable parameters (count and % of the base), adapter
-memory overhead, quantized model size, peak memory (GPU reserved/allocated on CUDA,
-process RSS on CPU), training runtime and throughput.
+memory overhead, quantized model size — measured here — and every fact the run provides
+(``ctx.facts``: peak memory, GPU reserved/allocated on CUDA and process RSS on CPU,
+training runtime and throughput, …), copied as they are.
 """
 from qpeft import hookimpl
 from qpeft.core.evaluator import Evaluator
@@ -27,21 +28,19 @@ def parameter_counts(model) -> tuple[int, int]:
 class Footprint(Evaluator):
     name = "footprint"
     description = "Model size, trainable parameters (count, %), adapter size, peak memory, runtime"
-    higher_is_better = {"tokens_per_s": True}
+    # Costs: smaller is better. Only what the trained adapter changes is compared.
+    higher_is_better = {"trainable_params": False, "trainable_pct": False, "adapter_mb": False,
+                        "model_mb": False}
+    stages = ("after",)
 
     def evaluate(self, ctx):
         trainable, base = parameter_counts(ctx.model)
         trainable_bytes = sum(p.numel() * p.element_size() for p in ctx.model.parameters() if p.requires_grad)
-        out = {"model_mb": round((model_bytes(ctx.model) - trainable_bytes) / 2**20, 2),
-               "trainable_params": trainable,
-               "trainable_pct": round(100 * trainable / max(base, 1), 4),
-               "adapter_mb": round(trainable_bytes / 2**20, 3)}
-        out.update({k: v for k, v in ctx.facts.items() if k in FACTS})
-        return out
-
-
-FACTS = ("peak_rss_mb", "peak_gpu_reserved_mb", "peak_gpu_allocated_mb", "train_seconds",
-         "tokens_per_s", "quantize_seconds", "adapter_disk_mb")
+        measured = {"model_mb": round((model_bytes(ctx.model) - trainable_bytes) / 2**20, 2),
+                    "trainable_params": trainable,
+                    "trainable_pct": round(100 * trainable / max(base, 1), 4),
+                    "adapter_mb": round(trainable_bytes / 2**20, 3)}
+        return {**ctx.facts, **measured}
 
 
 @hookimpl

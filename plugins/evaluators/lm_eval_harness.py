@@ -38,7 +38,7 @@ OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 @dataclasses.dataclass
 class LmEvalOptions:
     tasks: list[str] = option(["qpeft_mc", "qpeft_gen"],
-                              "lm-eval task or group names (on the command line one name; see the docs)")
+                              "lm-eval task or group names, comma-separated: lm-eval:tasks=a,b")
     include_path: str = option("", "folder of task YAMLs, searched with the bundled qpeft_* tasks")
     num_fewshot: int | None = option(None, "examples before each question; none: the task's own (0 if unset)")
     limit: int | None = option(None, f"at most N documents per task; 0: all; none: the run's --eval-limit, "

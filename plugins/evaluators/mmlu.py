@@ -202,6 +202,7 @@ class MMLU(Evaluator):
     description = "MMLU-style k-shot multiple choice by log-likelihood of ' A'..' D' (lm-evaluation-harness scoring)"
     Options = MMLUOptions
     higher_is_better = {"accuracy": True}
+    primary_metric = "accuracy"
 
     def questions(self) -> list[tuple[Question, list]]:
         """``(question, shots)`` pairs to score, subjects in name order."""

@@ -22,6 +22,7 @@ class Perplexity(Evaluator):
     description = "Perplexity on the validation split (token-weighted, response tokens)"
     Options = PerplexityOptions
     higher_is_better = {"perplexity": False, "eval_loss": False}
+    primary_metric = "perplexity"
 
     def evaluate(self, ctx):
         items = [ctx.encode(e) for e in ctx.validation]

@@ -117,6 +117,7 @@ class Prompts(Evaluator):
     description = "Prompt tests with expected answers (exact, contains, regex): pass/fail per case, pass rate"
     Options = PromptsOptions
     higher_is_better = {"pass_rate": True}
+    primary_metric = "pass_rate"
 
     def evaluate(self, ctx):
         cases = load_cases(self.options.path)

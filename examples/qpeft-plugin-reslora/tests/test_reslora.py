@@ -1,8 +1,11 @@
-"""qpeft-plugin-reslora: discovery, the residual forms in training, the merged-away form, the pipeline."""
+"""qpeft-plugin-reslora: discovery, the residual forms in training, the merged-away form, the
+pipeline, and qpeft's conformance kit. Written against qpeft's public API only: ``qpeft``,
+``qpeft.testing`` and the errors."""
 import copy
 import importlib.metadata
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,13 +16,10 @@ from torch import nn
 if importlib.util.find_spec("qpeft_reslora") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import qpeft  # noqa: E402
 import qpeft_reslora  # noqa: E402
-from qpeft.core import registry  # noqa: E402
-from qpeft.core.adapter import Adapter, Composition  # noqa: E402
+from qpeft import testing  # noqa: E402
 from qpeft.core.errors import OptionsError, QpeftError  # noqa: E402
-from qpeft.core.testing import tiny_model  # noqa: E402
-from qpeft.plugins.adapters.lora import LoRA, adapter_layers  # noqa: E402
-from qpeft.plugins.quantizers.none import NoQuantization  # noqa: E402
 from qpeft_reslora import ResLoRA, ResLoRALinear  # noqa: E402
 
 
@@ -34,17 +34,12 @@ def installed() -> bool:
 needs_install = pytest.mark.skipif(not installed(), reason="qpeft-plugin-reslora is not installed; "
                                    "run: pip install -e examples/qpeft-plugin-reslora --no-deps")
 VARIANTS = ["input", "block", "middle"]
-
-
-def local_registry():
-    """Built-ins plus this checkout's module through an entry point, installed or not."""
-    ep = importlib.metadata.EntryPoint(name="reslora", value="qpeft_reslora", group="qpeft")
-    return registry.Registry(entry_points=[ep])
+REGISTRY = testing.registry_with(qpeft_reslora)  # the built-ins plus this checkout's module
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return tiny_model(layers=3, vocab_size=1000)
+    return testing.tiny_model(layers=3, vocab_size=1000)
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +47,17 @@ def batch():
     return torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-def quantized(reference):
-    model = copy.deepcopy(reference)
-    NoQuantization(compute_dtype="float32").quantize_model(model)
-    return model
+def attach(reference, method="reslora", **options):
+    """A copy of ``reference`` through the ``none`` quantizer (float32), ``method`` attached."""
+    values = {"r": 4, "alpha": 8, "dropout": 0.0, **options}
+    spec = method + "".join(f":{key}={value}" for key, value in values.items())
+    model, composition = testing.adapt(reference, spec, registry=REGISTRY)
+    return model, composition.method
 
 
-def attach(reference, method_cls=ResLoRA, modifiers=(), **options):
-    model = quantized(reference)
-    method = method_cls.from_values({"r": 4, "alpha": 8, "dropout": 0.0, **options})
-    Composition(method, list(modifiers), method.name).attach(model)
-    return model, method
+def adapter_layers(model) -> dict:
+    """The model's low-rank adapter layers (those holding ``lora_A``), by name."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A")}
 
 
 def perturb(model, seed=2):
@@ -93,20 +88,27 @@ def train_steps(model, batch, steps=3):
 
 @needs_install
 def test_registry_finds_the_plugin_with_its_distribution_as_origin():
-    reg = registry.Registry()
-    cls = reg.get("adapter", "reslora")
-    assert issubclass(cls, LoRA) and issubclass(cls, Adapter) and cls.role == "method"
-    assert str(cls.origin) == "qpeft-plugin-reslora 0.1.0"
-    assert not [f for f in reg.failures if f.name == "reslora"]
+    qpeft.registry.reload()
+    cls = qpeft.registry.get("adapter", "reslora")
+    assert issubclass(cls, qpeft.registry.get("adapter", "lora")) and cls.role == "method"
+    assert cls.kind == "adapter" and str(cls.origin) == "qpeft-plugin-reslora 0.1.0"
+    assert not [f for f in qpeft.registry.failures() if f.name == "reslora"]
 
 
-def test_it_composes_with_a_scaling_modifier_and_refuses_an_init_one():
-    reg = local_registry()
-    from qpeft.core.adapter import compose
+@pytest.mark.parametrize("options, quantizers", [({}, None), ({"variant": "block", "pre_num": 2}, ["none"]),
+                                                 ({"variant": "middle", "pre_num": 2}, ["none"])])
+def test_the_conformance_kit_passes(options, quantizers):
+    """Loss falls, save → load is exact and merge matches, over every registered quantizer
+    (the block and middle forms over ``none`` only)."""
+    outcome = testing.check_adapter(ResLoRA, REGISTRY, options={"r": 4, **options}, quantizers=quantizers)
+    assert outcome == {q: "ok" for q in quantizers or REGISTRY.names("quantizer")}
 
-    assert compose("reslora:r=4+rslora", reg).method.options.r == 4
+
+def test_it_composes_with_a_scaling_modifier_and_refuses_an_init_one(reference):
+    _, composition = testing.adapt(reference, "reslora:r=4+rslora", registry=REGISTRY)
+    assert composition.method.options.r == 4 and [m.name for m in composition.modifiers] == ["rslora"]
     with pytest.raises(OptionsError, match="'loftq' replaces the 'init' step.*'reslora' does not have"):
-        compose("reslora+loftq", reg)
+        testing.adapt(reference, "reslora+loftq", registry=REGISTRY)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -156,7 +158,7 @@ def test_block_n_receives_the_input_of_block_n_minus_1(reference, batch):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_residual_path_changes_the_training_output_versus_plain_lora(reference, batch, variant):
     ours, _ = attach(reference, variant=variant)
-    plain, _ = attach(reference, method_cls=LoRA)
+    plain, _ = attach(reference, method="lora")
     perturb(ours)
     perturb(plain)
     assert (logits(ours.train(), batch) - logits(plain.train(), batch)).abs().max().item() > 1e-3
@@ -215,8 +217,6 @@ def test_block_shortcut_merges_exactly(reference, batch):
 
 @pytest.mark.parametrize("options", [{"variant": "input"}, {"variant": "block", "pre_num": 2}])
 def test_saved_adapter_is_a_plain_lora_that_reloads_exactly(reference, batch, options, tmp_path):
-    from qpeft.plugins.adapters._peft_format import load_adapter
-
     model, method = attach(reference, **options)
     perturb(model)
     train_steps(model, batch, steps=2)
@@ -224,34 +224,27 @@ def test_saved_adapter_is_a_plain_lora_that_reloads_exactly(reference, batch, op
     method.save(model, tmp_path, {"base_model": "tiny", "quantizer": "none:compute_dtype=float32"})
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == (12 if options["variant"] == "block" else 4)
-    reg = local_registry()
-    again = quantized(reference)
-    load_adapter(again, tmp_path, reg)
+    again, _ = testing.adapt(reference, None, registry=REGISTRY)  # quantized, no adapter yet
+    method.load(again, tmp_path)                                    # attaches as saved, then loads
     assert torch.equal(logits(again.eval(), batch), expected)
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
     assert (logits(theirs, batch) - expected).abs().max().item() <= 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from qpeft.core.testing import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
 @needs_install
-def test_qpeft_run_with_reslora_trains_and_writes_the_report(tiny_dir, tmp_path):
-    from qpeft.core import config, pipeline
-
-    registry.reload()
-    cfg = config.build(None, {
-        "model": tiny_dir, "quant": "none:compute_dtype=float32", "adapter": "reslora:r=4",
-        "evaluators": "perplexity,footprint", "eval_limit": 4, "steps": 3, "batch_size": 4, "lr": 1e-2,
-        "log_every": 1, "save_every": 0, "output_dir": str(tmp_path), "progress": False, "name": "reslora"})
-    report = pipeline.run(cfg, say=lambda _: None)
+def test_qpeft_run_with_reslora_trains_and_writes_the_report(tmp_path):
+    tiny = testing.save_tiny_model(tmp_path / "tiny")
+    args = ["--model", tiny, "--quant", "none:compute_dtype=float32", "--adapter", "reslora:r=4",
+            "--evaluators", "footprint", "--eval-limit", "4", "--steps", "3", "--batch-size", "4",
+            "--lr", "1e-2", "--log-every", "1", "--save-every", "0", "--device", "cpu",
+            "--output-dir", str(tmp_path), "--name", "reslora"]
+    done = subprocess.run([sys.executable, "-m", "qpeft", "run", *args], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "reslora"
-    assert json.loads((run / "report.json").read_text())["training"]["steps"] == 3
+    report = json.loads((run / "report.json").read_text())
+    assert report["training"]["steps"] == 3
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert report["after"]["footprint"]["trainable_params"] > 0
     parts = json.loads((run / "config.json").read_text())["adapter"]["parts"]
