@@ -7,7 +7,10 @@ recomputes ``silu(g)`` in backward (an elementwise pass, no matmul): on SmolLM2-
 8 × 128 tokens that is 189 MB fewer bytes held (30 layers × 8·128·1536 × 4 B).
 
     dL/du = dL/dp · silu(g)
-    dL/dg = dL/dp · u · σ(g)·(1 + g·(1 − σ(g)))        (silu'(g), as torch's silu_backward)
+    dL/dg = dL/dp · u · σ(g)·(1 + g·(1 − σ(g)))        (silu'(g): torch's own silu_backward)
+
+Backward reads the B×T×I tensors in four passes (two products, silu, silu_backward)
+against plain autograd's three: on a CPU these passes are bound by memory bandwidth.
 """
 import types
 
@@ -27,9 +30,8 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
-        sig = torch.sigmoid(g)
-        grad_u = grad * (g * sig) if ctx.needs_input_grad[1] else None
-        grad_g = grad * u * sig * (1 + g * (1 - sig)) if ctx.needs_input_grad[0] else None
+        grad_u = grad * F.silu(g) if ctx.needs_input_grad[1] else None
+        grad_g = (torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None)
         return grad_g, grad_u
 
 

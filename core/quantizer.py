@@ -32,7 +32,8 @@ class QuantizedLinear(nn.Module):
             bias.detach().to(compute_dtype), requires_grad=False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x·Ŵᵀ`` in the compute dtype, differentiable with respect to ``x`` only."""
+        """``x·Ŵᵀ`` in the compute dtype, differentiable with respect to ``x`` only: a new
+        tensor that backward does not read, so an adapter may add to it in place."""
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:

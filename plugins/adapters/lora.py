@@ -168,14 +168,15 @@ class LoRALinear(AdapterLayer):
 
 def add_low_rank(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                  s: float) -> torch.Tensor:
-    """``out + s·(x·Aᵀ)·Bᵀ`` (Eq. 3's sum). Where ``out`` is in the adapter dtype the scale
-    and the sum ride inside one GEMM (``addmm``: C ← C + s·P·Bᵀ), so the out-wide update is
-    never a tensor of its own and no elementwise pass reads it back."""
+    """``out + s·(x·Aᵀ)·Bᵀ`` (Eq. 3's sum), written into ``out``: the base layer's fresh
+    output (the QuantizedLinear contract). Where ``out`` is in the adapter dtype the scale
+    and the sum ride inside one in-place GEMM (``addmm_``: C ← C + s·P·Bᵀ), so the out-wide
+    update is never a tensor of its own and no elementwise pass reads it back."""
     z = x.to(a.dtype) @ a.t()
-    if out.dtype != b.dtype:
+    if out.dtype != b.dtype or not out.is_contiguous():
         return out + ((z * s) @ b.t()).to(out.dtype)
-    flat = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]), b.t(), alpha=s)
-    return flat.view(out.shape)
+    out.view(-1, out.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), b.t(), alpha=s)
+    return out
 
 
 # -- model-level helpers shared by every method ------------------------------------------
