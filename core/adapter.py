@@ -71,7 +71,7 @@ class Adapter(Plugin):
         not asked), with ``target_modules``/``feedforward_modules`` already resolved to
         lists that the ``targets`` option accepts. One method and any modifiers may claim a
         config; a field set in it that no claiming plugin reads is refused
-        (``qpeft.plugins.adapters._peft_import``)."""
+        (``qpeft.core.peft_import``)."""
         return None
 
     # -- optional lifecycle hooks of a method (the defaults do nothing) ---------------

@@ -39,7 +39,7 @@ class Plan:
     train: list
     validation: list
     test: list
-    init: object = None            # --init-adapter: the adapter directory read and checked (_peft_import)
+    init: object = None            # --init-adapter: the adapter directory read and checked (peft_import)
 
 
 def build_plugin(kind: str, spec: str, reg) -> Plugin:
@@ -74,9 +74,9 @@ def plan(cfg: RunConfig) -> Plan:
 def init_adapter(cfg: RunConfig, reg):
     """The adapter directory of ``--init-adapter``, read and checked before the model loads
     (PEFT's format, from any tool); the run's adapter spec becomes the one it amounts to."""
-    from qpeft.plugins.adapters import _peft_import
+    from qpeft.core import peft_import
 
-    init = _peft_import.read(cfg.init_adapter, reg, given=cfg.adapter)
+    init = peft_import.read(cfg.init_adapter, reg, given=cfg.adapter)
     cfg.adapter = init.spec
     return init
 

@@ -65,6 +65,9 @@ class QuantizerOptions:
                 "hardware computes it natively (CUDA; CPUs with AVX-512 BF16 or AMX), else float32")
     include_lm_head: bool = option(False, "also quantize the output projection (lm_head)")
 
+    def __post_init__(self):
+        """Checks of a subclass call ``super().__post_init__()``; nothing to check here."""
+
 
 @dataclasses.dataclass
 class LayerStats:

@@ -14,6 +14,7 @@ by name, class and distribution, and skipped — or fatal under ``QPEFT_STRICT_P
 import dataclasses
 import importlib
 import importlib.metadata
+import json
 import os
 import pkgutil
 import sys
@@ -41,9 +42,22 @@ class Failure:
     detail: str = ""   # the traceback, for --debug
 
     def message(self) -> str:
-        fix = ("reinstall qpeft" if self.origin.distribution == "qpeft"
-               else f"fix or reinstall it: pip install --force-reinstall {self.origin.distribution}")
-        return f"plugin '{self.name}' from {self.origin} failed to load ({self.error}); {fix}"
+        return (f"plugin '{self.name}' from {self.origin} failed to load ({self.error}); "
+                f"{fix_hint(self.origin.distribution)}")
+
+
+def fix_hint(distribution: str) -> str:
+    """What to do about a broken distribution: edit the source of an editable install
+    (``pip install -e``: reinstalling changes nothing), else reinstall it."""
+    try:
+        raw = importlib.metadata.distribution(distribution).read_text("direct_url.json")
+        info = json.loads(raw) if raw else {}
+    except (importlib.metadata.PackageNotFoundError, ValueError, OSError):
+        info = {}
+    if info.get("dir_info", {}).get("editable"):
+        where = info.get("url", "").removeprefix("file://")
+        return f"fix its source in {where} (an editable install: reinstalling changes nothing)"
+    return f"fix or reinstall it: pip install --force-reinstall {distribution}"
 
 
 class Registry:

@@ -1,19 +1,46 @@
 """qpeft — fine-tune quantized LLMs with parameter-efficient methods, and compare them.
 
 The package is a thin facade: the pipeline lives in :mod:`qpeft.core`, the built-in
-methods in :mod:`qpeft.plugins`. Importing qpeft imports neither torch nor any plugin.
+methods in :mod:`qpeft.plugins`. Everything a plugin needs is a name here (the table in
+docs/writing-plugins.md, "The public API"), resolved on first use, so that importing qpeft
+imports neither torch nor any plugin.
 """
 from qpeft.core.hookspecs import hookimpl
 from qpeft.core.version import __version__
 
-__all__ = ["hookimpl", "__version__"]
+PUBLIC = {
+    "qpeft.core.plugin": ["Plugin"],
+    "qpeft.core.quantizer": ["Quantizer", "QuantizerOptions", "QuantizedLinear", "LayerStats"],
+    "qpeft.core.adapter": ["Adapter"],
+    "qpeft.core.evaluator": ["Evaluator", "EvalContext"],
+    "qpeft.core.options": ["option"],
+    "qpeft.core.errors": ["QpeftError", "OptionsError", "UnknownPluginError", "PluginLoadError",
+                          "ModelLoadError"],
+    "qpeft.core.adapter_layers": ["AdapterLayer", "AdapterMethod", "ALL_LINEAR", "adapter_layers",
+                                  "find_targets", "mark_trainable", "merge_model", "layer_device"],
+    "qpeft.core.lowrank": ["LowRankMethod", "LoRALinear", "LowRankOptions", "LoRAOptions",
+                           "ScalingModifier", "InitModifier", "add_low_rank", "low_rank_values"],
+    "qpeft.core.generation": ["generate"],
+}
+MODULES = {"registry": "qpeft.registry", "testing": "qpeft.testing",
+           "peft_format": "qpeft.core.peft_format"}
+_WHERE = {name: module for module, names in PUBLIC.items() for name in names}
+
+__all__ = ["hookimpl", "__version__", *_WHERE, *MODULES]
 
 
 def __getattr__(name: str):
-    """``qpeft.registry`` and ``qpeft.testing`` after a bare ``import qpeft`` (imported on
-    first use, so that importing qpeft stays free of torch)."""
-    if name in ("registry", "testing"):
-        import importlib
+    """A public name, imported from its core module on first use."""
+    import importlib
 
-        return importlib.import_module(f"qpeft.{name}")
+    if name in MODULES:
+        return importlib.import_module(MODULES[name])
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'qpeft' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -11,9 +11,9 @@ from qpeft.core.adapter import compose
 from qpeft.core.errors import OptionsError, QpeftError
 from qpeft.core.quantizer import QuantizedLinear
 from qpeft.core.testing import tiny_model
-from qpeft.plugins.adapters import _peft_format
+from qpeft.core import peft_format
 from qpeft.plugins.adapters.dora import DoRALinear
-from qpeft.plugins.adapters.lora import adapter_layers
+from qpeft.core.adapter_layers import adapter_layers
 from qpeft.plugins.quantizers.none import NoQuantization
 
 peft = pytest.importorskip("peft")
@@ -77,7 +77,7 @@ def test_parity_with_peft(reference, batch, spec):
     ours, _ = adapted(reference, spec)
     theirs = peft.get_peft_model(copy.deepcopy(reference), peft_config(spec))
     assert trainable(ours) == trainable(theirs)
-    state = {f"{_peft_format.PREFIX}{name}.{key}": t.detach()
+    state = {f"{peft_format.PREFIX}{name}.{key}": t.detach()
              for name, layer in adapter_layers(ours).items() for key, t in layer.adapter_tensors().items()}
     result = peft.set_peft_model_state_dict(theirs, state)
     assert not result.unexpected_keys
@@ -101,7 +101,7 @@ def test_saved_adapter_loads_in_peft_and_back_in_qpeft(reference, batch, spec, t
     assert (logits(theirs, batch) - expected).abs().max().item() <= 1e-5
 
     again = quantized(reference)
-    _peft_format.load_adapter(again, tmp_path)
+    peft_format.load_adapter(again, tmp_path)
     assert torch.equal(logits(again.eval(), batch), expected)
 
 
@@ -165,6 +165,8 @@ def test_targets_option_selects_layers_and_reaches_the_peft_config(reference, tm
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
     with pytest.raises(OptionsError, match="matched no quantized layer; layer names end with: .*q_proj"):
         compose("lora:targets=qproj", registry.default()).attach(quantized(reference))
+    with pytest.raises(OptionsError, match=r"^adapter 'lora' option target q_porj matched no quantized layer"):
+        compose("lora:targets=v_proj,q_porj", registry.default()).attach(quantized(reference))
 
 
 def test_attaching_twice_is_refused(reference):
@@ -314,7 +316,7 @@ def test_qdylora_samples_ranks_and_exports_any_rank(reference, batch, tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
     assert (logits(theirs, batch) - expected).abs().max().item() <= 1e-5
     again = quantized(reference)
-    _peft_format.load_adapter(again, tmp_path)
+    peft_format.load_adapter(again, tmp_path)
     assert torch.equal(logits(again.eval(), batch), expected)
 
 

@@ -31,7 +31,7 @@ class Unmerged(LoRA):
     name = "unmerged"
 
     def merge(self, model, dtype=None):
-        from qpeft.plugins.adapters.lora import adapter_layers
+        from qpeft.core.adapter_layers import adapter_layers
 
         for name, layer in adapter_layers(model).items():
             parent = model.get_submodule(name.rpartition(".")[0])

@@ -13,7 +13,7 @@ from qpeft.core.batch_source import EncodedBatches
 from qpeft.core.cli.main import cli
 from qpeft.core.errors import QpeftError
 from qpeft.core.loss import token_loss_sum
-from qpeft.plugins.adapters import _peft_import
+from qpeft.core import peft_import
 
 peft = pytest.importorskip("peft")
 
@@ -81,7 +81,7 @@ def ours(quantized, directory, quant=EXACT):
     """What ``qpeft eval DIR`` and ``--init-adapter`` do once the base is quantized: read the
     directory, attach the spec it amounts to, load the tensors (rebuild.onto_base)."""
     model = copy.deepcopy(quantized[quant])
-    imported = _peft_import.read(directory)
+    imported = peft_import.read(directory)
     imported.composition.attach(model)
     imported.load(model)
     return model.eval()
@@ -111,7 +111,7 @@ def one_line(result) -> str:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_peft_adapter_gives_peft_logits(quantized, base, written, batch, kind):
-    spec = _peft_import.read(written[kind]).spec
+    spec = peft_import.read(written[kind]).spec
     assert spec.startswith("dora" if kind == "dora" else "ia3" if kind == "ia3" else "lora:r=4:alpha=8")
     assert spec.endswith("+rslora") == (kind == "rslora") and spec.endswith("+olora") == (kind == "olora")
     expected = logits(theirs(base, written[kind]), batch)
@@ -125,7 +125,7 @@ def test_over_nf4_it_matches_peft_over_the_dequantized_base(quantized, written, 
     # compute. The same weights and fp32 arithmetic in another order differ by rounding only
     # (measured ~1e-6 on these logits of size ~1); 1e-4 leaves room and is still far below the
     # nf4 error itself (logits move by ~1e-1 between the fp32 and the nf4 base).
-    from qpeft.plugins.adapters.lora import merge_model
+    from qpeft.core.adapter_layers import merge_model
 
     dequantized = merge_model(copy.deepcopy(quantized[NF4])).eval()   # no adapter: nn.Linear of W_hat
     expected = logits(theirs(dequantized, written[kind]), batch)
@@ -162,7 +162,7 @@ def test_training_continues_from_a_peft_adapter(tiny_dir, base, written, tmp_pat
     run_dir = tmp_path / f"{EXACT}-init-{written['lora'].name}".replace(":", "_").replace("=", "")
     resolved = json.loads((run_dir / "config.json").read_text())
     assert resolved["config"]["init_adapter"] == str(written["lora"])
-    assert resolved["adapter"]["spec"] == _peft_import.read(written["lora"]).spec
+    assert resolved["adapter"]["spec"] == peft_import.read(written["lora"]).spec
 
     # step 1's loss is the imported adapter's loss on the first batch (PEFT computes it here)
     cfg = config.build(None, {"model": tiny_dir, "batch_size": 4})
@@ -180,7 +180,7 @@ def test_training_continues_from_a_peft_adapter(tiny_dir, base, written, tmp_pat
     # the run resumes from what config.json recorded; its saved adapter reads back as qpeft's own
     saved = config.build(None, {}, config.saved_settings(resolved, run_dir))
     assert pipeline.plan(saved).adapter.spec == resolved["adapter"]["spec"]
-    assert _peft_import.read(run_dir / "adapter").written_by_qpeft
+    assert peft_import.read(run_dir / "adapter").written_by_qpeft
     line = one_line(CliRunner().invoke(cli, ["eval", str(run_dir), "--model", tiny_dir]))
     assert "--model: only for an adapter directory" in line
 
@@ -201,7 +201,7 @@ def test_training_continues_from_a_peft_adapter(tiny_dir, base, written, tmp_pat
 def test_each_unsupported_field_is_one_line_naming_it(written, tmp_path, field, value, expected):
     directory = edited(written["lora"], tmp_path, **{field: value})
     with pytest.raises(QpeftError) as caught:
-        _peft_import.read(directory)
+        peft_import.read(directory)
     message = str(caught.value)
     assert "\n" not in message and str(directory / "adapter_config.json") in message
     assert expected in message
@@ -219,14 +219,14 @@ def test_each_unsupported_field_is_one_line_naming_it(written, tmp_path, field, 
 def test_adapters_peft_writes_with_unsupported_parts_are_one_line(base, tmp_path, make, expected):
     peft.get_peft_model(copy.deepcopy(base), make()).save_pretrained(tmp_path)
     with pytest.raises(QpeftError) as caught:
-        _peft_import.read(tmp_path)
+        peft_import.read(tmp_path)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_harmless_fields_are_accepted(written, tmp_path):
     directory = edited(written["lora"], tmp_path, init_lora_weights="gaussian", task_type="CAUSAL_LM",
                        layers_pattern="layers", loftq_config={}, some_future_field=None)
-    assert _peft_import.read(directory).spec == _peft_import.read(written["lora"]).spec
+    assert peft_import.read(directory).spec == peft_import.read(written["lora"]).spec
 
 
 def test_the_directory_is_checked_before_the_model_loads(monkeypatch, tiny_dir, written, tmp_path):

@@ -150,3 +150,12 @@ def test_a_bare_import_reaches_registry_and_testing_without_torch():
             "assert 'torch' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_fix_hint_tells_an_editable_install_to_edit_its_source():
+    from qpeft.core.registry import fix_hint
+
+    assert fix_hint("qpeft-plugin-that-is-not-installed") == (
+        "fix or reinstall it: pip install --force-reinstall qpeft-plugin-that-is-not-installed")
+    hint = fix_hint("qpeft")               # this checkout is installed with pip install -e
+    assert hint.startswith("fix its source in /") and hint.endswith("reinstalling changes nothing")

@@ -40,10 +40,7 @@ from typing import Literal
 
 import torch
 
-from qpeft import hookimpl
-from qpeft.core.errors import QpeftError
-from qpeft.core.options import option
-from qpeft.plugins.adapters.lora import LoRA, LoRALinear, LoRAOptions, adapter_layers
+from qpeft import LoRALinear, LoRAOptions, LowRankMethod, QpeftError, adapter_layers, hookimpl, option
 
 BLOCK = re.compile(r"(^|\.)(\d+)\.")  # the first numeric path component: the block index
 
@@ -260,7 +257,7 @@ class ResLoRAOptions(LoRAOptions):
             raise ValueError(f"window must be at least 1, got {self.window}")
 
 
-class ResLoRA(LoRA):
+class ResLoRA(LowRankMethod):
     """The ``reslora`` method: LoRA's layers linked into per-name chains across blocks."""
 
     name = "reslora"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qpeft import hookimpl
-from qpeft.plugins.adapters.lora import LoRA, LoRALinear, add_low_rank, low_rank_values
+from qpeft.core.lowrank import LoRALinear, LowRankMethod, add_low_rank, low_rank_values
 
 
 class DoRALinear(LoRALinear):
@@ -75,7 +75,7 @@ class DoRALinear(LoRALinear):
         return {**super().adapter_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
 
 
-class DoRA(LoRA):
+class DoRA(LowRankMethod):
     name = "dora"
     description = "DoRA: LoRA on the direction plus a learned magnitude per row (Liu et al. 2024)"
     layer_cls = DoRALinear

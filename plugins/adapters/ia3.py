@@ -21,9 +21,9 @@ from qpeft import hookimpl
 from qpeft.core.errors import OptionsError
 from qpeft.core.options import option
 from qpeft.core.quantizer import DTYPES, QuantizedLinear
-from qpeft.plugins.adapters import _peft_format
-from qpeft.plugins.adapters.lora import (AdapterLayer, AdapterMethod, find_targets, layer_device,
-                                         mark_trainable)
+from qpeft.core import peft_format
+from qpeft.core.adapter_layers import (AdapterLayer, AdapterMethod, find_targets, layer_device,
+                                       mark_trainable)
 
 
 class IA3Output(AdapterLayer):
@@ -114,8 +114,8 @@ class IA3(AdapterMethod):
     def peft_config(self, model: nn.Module) -> dict:
         layers = [n for n, m in model.named_modules() if isinstance(m, IA3Input)]
         return {"peft_type": self.peft_type, "init_ia3_weights": True,
-                "target_modules": _peft_format.target_modules(model),
-                "feedforward_modules": _peft_format.target_modules(model, set(layers)) if layers else []}
+                "target_modules": peft_format.target_modules(model),
+                "feedforward_modules": peft_format.target_modules(model, set(layers)) if layers else []}
 
 
 def _matches(name: str, suffixes: list[str]) -> bool:

@@ -23,7 +23,8 @@ from torch import nn
 from qpeft import hookimpl
 from qpeft.core.errors import QpeftError
 from qpeft.core.options import option
-from qpeft.plugins.adapters.lora import LoRA, LoRALinear, LowRankOptions, adapter_layers
+from qpeft.core.adapter_layers import adapter_layers
+from qpeft.core.lowrank import LoRALinear, LowRankMethod, LowRankOptions
 
 
 class QDyLoRALinear(LoRALinear):
@@ -79,7 +80,7 @@ class QDyLoRAOptions(LowRankOptions):
         super().__post_init__()
 
 
-class QDyLoRA(LoRA):
+class QDyLoRA(LowRankMethod):
     name = "qdylora"
     description = "QDyLoRA: train every rank up to r_max at once; pick the rank after training (Rajabzadeh et al. 2024)"
     Options = QDyLoRAOptions

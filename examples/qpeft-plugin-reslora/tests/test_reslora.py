@@ -19,7 +19,7 @@ if importlib.util.find_spec("qpeft_reslora") is None:  # run from a checkout wit
 import qpeft  # noqa: E402
 import qpeft_reslora  # noqa: E402
 from qpeft import testing  # noqa: E402
-from qpeft.core.errors import OptionsError, QpeftError  # noqa: E402
+from qpeft import OptionsError, QpeftError  # noqa: E402
 from qpeft_reslora import ResLoRA, ResLoRALinear  # noqa: E402
 
 

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from qpeft.core.errors import QpeftError
-from qpeft.plugins.adapters._peft_format import CONFIG, MANIFEST, PREFIX, WEIGHTS
+from qpeft.core.peft_format import CONFIG, MANIFEST, PREFIX, WEIGHTS
 
 # Fields that describe the file, or matter only together with a field checked on its own.
 DESCRIBE = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
@@ -73,13 +73,13 @@ class Imported:
         or fail with one line naming the module: a missing tensor, a shape that differs
         (an adapter made for another base model), tensors for a layer the model lacks."""
         if self.written_by_qpeft:
-            from qpeft.plugins.adapters._peft_format import load_tensors
+            from qpeft.core.peft_format import load_tensors
 
             load_tensors(model, self.directory)
             return
         from safetensors.torch import load_file
 
-        from qpeft.plugins.adapters.lora import adapter_layers
+        from qpeft.core.adapter_layers import adapter_layers
 
         saved: dict = {}
         for key, tensor in load_file(str(self.directory / WEIGHTS)).items():
@@ -189,7 +189,7 @@ def _header(path: Path) -> dict[str, tuple]:
 # -- qpeft's own adapters ----------------------------------------------------------------
 def _read_qpeft(directory: Path, registry) -> Imported:
     from qpeft.core.adapter import assemble
-    from qpeft.plugins.adapters._peft_format import read_manifest
+    from qpeft.core.peft_format import read_manifest
 
     record = read_manifest(directory)
     try:

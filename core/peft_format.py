@@ -35,7 +35,7 @@ def target_modules(model, chosen: set[str] | None = None) -> list[str]:
     layers, else the full module paths.
     """
     from qpeft.core.quantizer import QuantizedLinear
-    from qpeft.plugins.adapters.lora import adapter_layers
+    from qpeft.core.adapter_layers import adapter_layers
 
     adapted = adapter_layers(model)
     chosen = set(adapted) if chosen is None else set(chosen)
@@ -50,7 +50,7 @@ def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
     """Write the three files of a saved adapter into ``directory`` (created if needed)."""
     from safetensors.torch import save_file
 
-    from qpeft.plugins.adapters.lora import adapter_layers
+    from qpeft.core.adapter_layers import adapter_layers
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def load_tensors(model, directory) -> None:
     """Copy the tensors of ``adapter_model.safetensors`` into the model's adapter layers."""
     from safetensors.torch import load_file
 
-    from qpeft.plugins.adapters.lora import adapter_layers
+    from qpeft.core.adapter_layers import adapter_layers
 
     path = Path(directory) / WEIGHTS
     if not path.is_file():
