@@ -94,13 +94,15 @@ def registered(cls, base, reg) -> None:
 
 def composer(cls, reg, options: dict | None = None):
     """A function of no arguments building a fresh :class:`Composition` with ``cls`` — a
-    modifier on the most general registered method with its slot (one no other subclasses)."""
+    modifier on the most general registered method with its slot: one subclassing no other
+    host, and of those the one overriding least (``lora`` beside its sibling ``dora``)."""
     if cls.role == "method":
         return lambda: Composition(cls.from_values(options or {}), [], cls.name)
     hosts = [reg.get("adapter", n) for n in reg.names("adapter")]
     hosts = [h for h in hosts if h.role == "method" and cls.modifies in h.slots]
     assert hosts, f"adapter '{cls.name}': no registered method has the '{cls.modifies}' slot"
-    host = next(h for h in hosts if not any(o is not h and issubclass(h, o) for o in hosts))
+    roots = [h for h in hosts if not any(o is not h and issubclass(h, o) for o in hosts)]
+    host = min(roots, key=lambda h: (len(vars(h)), h.name))   # the one overriding least
     return lambda: Composition(host.from_values({}), [cls.from_values(options or {})], f"{host.name}+{cls.name}")
 
 

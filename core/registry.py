@@ -19,6 +19,7 @@ import os
 import pkgutil
 import sys
 import traceback
+from pathlib import Path
 
 import pluggy
 
@@ -49,13 +50,20 @@ class Failure:
 def fix_hint(distribution: str) -> str:
     """What to do about a broken distribution: edit the source of an editable install
     (``pip install -e``: reinstalling changes nothing), else reinstall it."""
+    where = None
     try:
-        raw = importlib.metadata.distribution(distribution).read_text("direct_url.json")
+        dist = importlib.metadata.distribution(distribution)
+        raw = dist.read_text("direct_url.json")
         info = json.loads(raw) if raw else {}
+        if info.get("dir_info", {}).get("editable"):
+            where = info.get("url", "").removeprefix("file://")
+        else:                 # metadata beside the source (a checkout's .egg-info)
+            home = Path(dist.locate_file("")).resolve()
+            checkout = any((home / f).is_file() for f in ("pyproject.toml", "setup.py"))
+            where = str(home) if checkout else None
     except (importlib.metadata.PackageNotFoundError, ValueError, OSError):
-        info = {}
-    if info.get("dir_info", {}).get("editable"):
-        where = info.get("url", "").removeprefix("file://")
+        pass
+    if where:
         return f"fix its source in {where} (an editable install: reinstalling changes nothing)"
     return f"fix or reinstall it: pip install --force-reinstall {distribution}"
 

@@ -35,7 +35,7 @@ def test_bare_import_is_torch_free_and_then_resolves():
     code = ("import sys, qpeft; assert 'torch' not in sys.modules, 'torch imported'; "
             "from qpeft import LowRankMethod, peft_format, testing; "
             "assert issubclass(LowRankMethod, qpeft.AdapterMethod); "
-            "assert qpeft.registry.default().get('adapter', 'lora').__mro__[1] is LowRankMethod")
+            "assert qpeft.registry.get('adapter', 'lora').__mro__[1] is LowRankMethod")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-400:]
 

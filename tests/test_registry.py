@@ -158,4 +158,4 @@ def test_fix_hint_tells_an_editable_install_to_edit_its_source():
     assert fix_hint("qpeft-plugin-that-is-not-installed") == (
         "fix or reinstall it: pip install --force-reinstall qpeft-plugin-that-is-not-installed")
     hint = fix_hint("qpeft")               # this checkout is installed with pip install -e
-    assert hint.startswith("fix its source in /") and hint.endswith("reinstalling changes nothing")
+    assert hint.startswith("fix its source in /") and hint.endswith("reinstalling changes nothing)")
