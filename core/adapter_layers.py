@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from qpeft.core import peft_format
 from qpeft.core.adapter import Adapter
 from qpeft.core.errors import OptionsError, QpeftError
 from qpeft.core.quantizer import QuantizedLinear
@@ -167,10 +168,8 @@ class AdapterMethod(Adapter):
 
     def save(self, model: nn.Module, directory, meta: dict | None = None) -> None:
         """Write the adapter in PEFT's format plus ``qpeft_adapter.json`` (see qpeft.core.peft_format)."""
-        from qpeft.core import peft_format
-
         peft_format.save(model, directory, self.peft_config(model),
-                          [self, *getattr(self, "modifiers", [])], meta or {})
+                         [self, *getattr(self, "modifiers", [])], meta or {})
 
     def load(self, model: nn.Module, directory) -> None:
         """Attach (with the saved modifiers) if needed, then load the saved tensors exactly.
@@ -178,8 +177,6 @@ class AdapterMethod(Adapter):
         Init modifiers run again on attach (they are deterministic), so a base weight they
         rewrote is rebuilt before the trained tensors are copied in.
         """
-        from qpeft.core import peft_format
-
         if not adapter_layers(model):
             self.attach(model, peft_format.saved_modifiers(directory))
         peft_format.load_tensors(model, directory)

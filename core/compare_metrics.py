@@ -93,8 +93,10 @@ def resolve_quality(text: str | None, evaluators: list, reg) -> Quality:
     if not text:
         for name in names:
             cls = _declared(reg, name)
-            if cls is not None and cls.primary() and direction(cls.higher_is_better, cls.primary()) is not None:
-                return Quality(name, cls.primary(), direction(cls.higher_is_better, cls.primary()))
+            primary = cls.primary() if cls is not None else None
+            higher = direction(cls.higher_is_better, primary) if primary else None
+            if higher is not None:
+                return Quality(name, primary, higher)
         raise QpeftError(f"no evaluator of --evaluators ({';'.join(evaluators) or 'none'}) declares a "
                          "primary metric; pass --edge-quality EVALUATOR:METRIC")
     name, _, metric = text.partition(":")

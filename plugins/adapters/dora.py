@@ -61,8 +61,8 @@ class DoRALinear(LoRALinear):
         """(m/‖W + s·B·A‖)·(W·x + s·B·A·dropout(x)) + bias; the norm is a constant (§4.3)."""
         scale = self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)
         base = self.base.matmul(x.to(self.base.compute_dtype))
-        a, _, _ = low = self.low_rank()
-        out = (scale * add_low_rank(base.to(a.dtype), self.dropout(x), *low)).to(base.dtype)
+        low = self.low_rank()                           # (A, B, s)
+        out = (scale * add_low_rank(base.to(low[0].dtype), self.dropout(x), *low)).to(base.dtype)
         return out if self.base.bias is None else out + self.base.bias
 
     def merged_weight(self) -> torch.Tensor:
