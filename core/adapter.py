@@ -74,6 +74,12 @@ class Adapter(Plugin):
         (``qpeft.core.peft_import``)."""
         return None
 
+    # -- optional hook of a modifier (the default does nothing) ------------------------
+    def update_peft_config(self, config: dict) -> None:
+        """Set this modifier's fields in the method's PEFT ``adapter_config.json`` (``config``,
+        changed in place) — rsLoRA sets ``use_rslora``. Default: none. (A method writes the
+        whole config with its own ``peft_config(model) -> dict``.)"""
+
     # -- optional lifecycle hooks of a method (the defaults do nothing) ---------------
     def report_variants(self, model) -> dict:
         """Extra evaluations after training, ``{label: apply}``: the run report calls each
@@ -107,6 +113,9 @@ class Adapter(Plugin):
                 found.append(f"is a method but sets modifies='{cls.modifies}'; set role = 'modifier'")
         elif not cls.modifies:
             found.append("is a modifier without 'modifies' (the slot it fills, e.g. 'scaling')")
+        elif callable(getattr(cls, "peft_config", None)):
+            found.append("is a modifier defining peft_config(); a modifier's hook is "
+                         "update_peft_config(config) — rename it")
         elif cls.slots:
             found.append("is a modifier but declares slots; only a method has slots")
         return found

@@ -161,6 +161,7 @@ class AdapterMethod(Adapter):
 
     role = "method"
     peft_type: ClassVar[str] = ""
+    modifiers: list = []        # the modifiers it was attached with (an instance's own list, set by attach)
 
     def peft_config(self, model: nn.Module) -> dict:
         """Method-specific ``adapter_config.json`` fields (``peft_type`` and the rest)."""
@@ -169,7 +170,7 @@ class AdapterMethod(Adapter):
     def save(self, model: nn.Module, directory, meta: dict | None = None) -> None:
         """Write the adapter in PEFT's format plus ``qpeft_adapter.json`` (see qpeft.core.peft_format)."""
         peft_format.save(model, directory, self.peft_config(model),
-                         [self, *getattr(self, "modifiers", [])], meta or {})
+                         [self, *self.modifiers], meta or {})
 
     def load(self, model: nn.Module, directory) -> None:
         """Attach (with the saved modifiers) if needed, then load the saved tensors exactly.

@@ -44,9 +44,9 @@ COSTS = {  # row key → heading, from the run's facts
     "train_seconds": "train s", "tokens_per_s": "tokens/s", "within_budget": "within budget",
     "edge_score": "edge score",
 }
-EXPORT_COLUMNS = {  # only with --export-quant
-    "export_ppl_trained": "ppl trained (adapter on quantized base)", "export_ppl_merged": "ppl merged",
-    "export_ppl_shipped": "ppl shipped (merged + re-quantized)", "export_gap_pct": "shipped vs trained %",
+EXPORT_COLUMNS = {  # only with --export-quant; measured by the edge quality's metric
+    "export_trained": "export: trained (adapter on quantized base)", "export_merged": "export: merged",
+    "export_shipped": "export: shipped (merged + re-quantized)", "export_gap_pct": "shipped vs trained %",
 }
 
 
@@ -263,8 +263,8 @@ def markdown(rows: list, meta: dict, plots: list) -> str:
         lines.append(f"Memory budget: {meta['memory_budget_mb']:.0f} MiB; rows over it get no edge score.")
     if meta.get("export_quant"):
         lines.append(f"Export columns: each run's adapter merged into its dequantized base and the result "
-                     f"re-quantized with `{meta['export_quant']}` (qpeft export --merge --quant); perplexity "
-                     "on the run's validation set, shipped vs trained as a relative gap.")
+                     f"re-quantized with `{meta['export_quant']}` (qpeft export --merge --quant); "
+                     f"`{meta['edge_quality']}` on the run's validation set, shipped vs trained as a relative gap.")
         lines += [f"Export measurement failed for {r['quant']} × {r['adapter']}: {r['export_error']}"
                   for r in rows if r.get("export_error")]
     lines += [""] + [f"![{p}]({p})" for p in plots]
@@ -319,7 +319,8 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     def measure_export(cell):
         from qpeft.core import requant
 
-        exports[cell.name] = requant.compare_columns(output_dir / cell.name, export_quant, say)
+        exports[cell.name] = requant.compare_columns(output_dir / cell.name, export_quant,
+                                                     f"{edge.evaluator}:{edge.metric}", say)
     errors = run_grid(cells, output_dir, flags, say, measure_export if export_quant else None)
     rows = [row(c, errors[c.name], output_dir / c.name, reg) for c in cells]
     if export_quant:

@@ -85,7 +85,7 @@ def evaluator_names(specs: list) -> list[str]:
     return [parse(s)[0][0] for s in specs]
 
 
-def resolve_quality(text: str | None, evaluators: list, reg) -> Quality:
+def resolve_quality(text: str | None, evaluators: list, reg, flag: str = "--edge-quality") -> Quality:
     """The edge quality of ``--edge-quality EVALUATOR[:METRIC]`` (None: the first of the run's
     ``evaluators`` that declares a primary metric), checked against the registry and the
     run's evaluators; one line naming the valid choices otherwise."""
@@ -98,23 +98,23 @@ def resolve_quality(text: str | None, evaluators: list, reg) -> Quality:
             if higher is not None:
                 return Quality(name, primary, higher)
         raise QpeftError(f"no evaluator of --evaluators ({';'.join(evaluators) or 'none'}) declares a "
-                         "primary metric; pass --edge-quality EVALUATOR:METRIC")
+                         f"primary metric; pass {flag} EVALUATOR:METRIC")
     name, _, metric = text.partition(":")
     if name not in reg.names("evaluator"):
         raise QpeftError(unknown("evaluator", name, reg.names("evaluator"),
-                                 lead=f"--edge-quality '{text}': unknown evaluator '{name}'"))
+                                 lead=f"{flag} '{text}': unknown evaluator '{name}'"))
     cls = reg.get("evaluator", name)
     choices = ", ".join(f"{name}:{m}" for m in cls.higher_is_better) or "none: it declares no higher_is_better"
     metric = metric or cls.primary() or ""
     if not metric:
-        raise QpeftError(f"--edge-quality '{text}': evaluator '{name}' has no primary metric; "
+        raise QpeftError(f"{flag} '{text}': evaluator '{name}' has no primary metric; "
                          f"name one: {choices}")
     higher = direction(cls.higher_is_better, metric)
     if higher is None:
-        raise QpeftError(f"--edge-quality '{text}': evaluator '{name}' declares no direction for "
+        raise QpeftError(f"{flag} '{text}': evaluator '{name}' declares no direction for "
                          f"'{metric}'; use one of {choices}")
     if name not in names:
-        raise QpeftError(f"--edge-quality '{text}': '{name}' is not among --evaluators "
-                         f"({';'.join(evaluators)}); add it, e.g. --evaluators "
-                         f"\"{';'.join([*evaluators, name])}\"")
+        fix = (f"add it, e.g. --evaluators \"{';'.join([*evaluators, name])}\"" if flag == "--edge-quality"
+               else f"use one the run measured: {', '.join(dict.fromkeys(names))}")
+        raise QpeftError(f"{flag} '{text}': '{name}' is not among --evaluators ({';'.join(evaluators)}); {fix}")
     return Quality(name, metric, higher)

@@ -212,80 +212,6 @@ def device_problem(device: str, available: bool = True) -> str | None:
     return None
 
 
-# -- the resolved config.json of a run -------------------------------------------------
-RUN_SHAPE = {  # key of config.json → (type it must have, keys that mapping must have)
-    "run": (str, ()), "qpeft_version": (str, ()), "config": (dict, ("model",)),
-    "quantizer": (dict, ("name", "options")), "adapter": (dict, ("spec", "parts")),
-}
-
-
-def read_run(run_dir) -> dict:
-    """The resolved ``config.json`` a run directory was started with, checked for every key
-    that later code reads (its settings must build, too), or a one-line error."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise QpeftError(f"{run_dir} has no config.json; pass a directory written by 'qpeft run'")
-    fix = f"restore it, or start the run again with 'qpeft run ... --name {Path(run_dir).name} --overwrite'"
-    damaged = "; " + fix
-    try:
-        data = json.loads(_text(path, fix))
-    except ValueError as exc:
-        raise QpeftError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}){damaged}") from None
-    problem = _run_shape_problem(data)
-    if problem:
-        raise QpeftError(f"{path} is damaged: {problem}{damaged}")
-    try:
-        build(None, {}, saved_settings(data, run_dir))
-    except QpeftError as exc:
-        raise QpeftError(f"{path} holds settings this qpeft cannot use: {exc}{damaged}") from None
-    return data
-
-
-def _run_shape_problem(data) -> str | None:
-    if not isinstance(data, dict):
-        return f"it holds a {type(data).__name__}, not the mapping 'qpeft run' writes"
-    for key, (typ, inner) in RUN_SHAPE.items():
-        if not isinstance(data.get(key), typ):
-            return f"'{key}' is missing or not a {'mapping' if typ is dict else 'string'}"
-        missing = [k for k in inner if k not in data[key]]
-        if missing:
-            return f"'{key}' lacks '{missing[0]}'"
-    if not isinstance(data["config"].get("train", {}), dict):
-        return "'config.train' is not a mapping"
-    q, a = data["quantizer"], data["adapter"]
-    if not isinstance(q["name"], str) or not isinstance(q["options"], dict):
-        return "'quantizer' needs a string 'name' and a mapping 'options'"
-    if not isinstance(a["spec"], str) or not isinstance(a["parts"], list) or not a["parts"] or not all(
-            isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("options"), dict)
-            for p in a["parts"]):
-        return "'adapter' needs a string 'spec' and 'parts', each with a 'name' and 'options'"
-    return None
-
-
-def saved_settings(resolved: dict, run_dir) -> dict:
-    """A run's settings as flat flag values (resume/overwrite cleared), to build on."""
-    flat = dict(resolved["config"])
-    flat.update(flat.pop("train", None) or {})
-    if isinstance(flat.get("evaluators"), str):
-        flat["evaluators"] = _recorded_evaluators(flat["evaluators"], resolved.get("evaluators"))
-    flat.update(resume=False, overwrite=False, name=Path(run_dir).name,
-                output_dir=str(Path(run_dir).parent))
-    return flat
-
-
-def _recorded_evaluators(text: str, records) -> str:
-    """The evaluators setting of a run record in today's grammar. Records written before
-    ';' separated specs hold a comma-separated list; the evaluator names recorded beside
-    it tell which grammar wrote the text, so nothing is guessed."""
-    names = [r.get("name") for r in records or () if isinstance(r, dict)]
-    if ";" in text or "," not in text or (names and len(names) == 1):
-        return text
-    legacy = [s.strip() for s in text.split(",") if s.strip()]
-    if not names or [s.split(":")[0].split("+")[0] for s in legacy] == names:
-        return specs.SEPARATOR.join(legacy)
-    return text
-
-
 # -- config files ------------------------------------------------------------------------
 def read_file(path: str) -> dict:
     """A YAML or JSON mapping of settings; a ``train:`` section is flattened into it."""
@@ -293,7 +219,7 @@ def read_file(path: str) -> dict:
     if not p.is_file():
         raise QpeftError(f"no such config file: {path}")
     kind = "JSON" if p.suffix == ".json" else "YAML"
-    text = _text(p)
+    text = text_of(p)
     try:
         if kind == "JSON":
             data = json.loads(text)
@@ -316,7 +242,7 @@ def read_file(path: str) -> dict:
     return (section or {}) | {k: v for k, v in data.items() if k != "train"}
 
 
-def _text(path: Path, fix: str = "save it as UTF-8") -> str:
+def text_of(path: Path, fix: str = "save it as UTF-8") -> str:
     """The UTF-8 text of ``path``, or a one-line error naming it and ending in ``fix``."""
     try:
         raw = path.read_bytes()

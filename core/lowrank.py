@@ -101,8 +101,7 @@ class LoRALinear(AdapterLayer):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``s·B·A·x`` in the adapter dtype (``x`` already dropped out)."""
-        a, b, s = self.low_rank()
-        return ((x.to(a.dtype) @ a.t()) * s) @ b.t()  # s on the r-wide side
+        return low_rank_update(x, *self.low_rank())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return add_low_rank(self.base(x), self.dropout(x), *self.low_rank())
@@ -123,15 +122,21 @@ class LoRALinear(AdapterLayer):
         return f"r={self.r}, scaling={self.scaling:g}"
 
 
+def low_rank_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s·(x·Aᵀ)·Bᵀ`` (Hu et al. 2021, Eq. 3's second term) in the adapter dtype, the scale
+    applied on the r-wide side."""
+    return ((x.to(a.dtype) @ a.t()) * s) @ b.t()
+
+
 def add_low_rank(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                  s: float) -> torch.Tensor:
     """``out + s·(x·Aᵀ)·Bᵀ`` (Eq. 3's sum), written into ``out``: the base layer's fresh
     output (the QuantizedLinear contract). Where ``out`` is in the adapter dtype the scale
     and the sum ride inside one in-place GEMM (``addmm_``: C ← C + s·P·Bᵀ), so the out-wide
     update is never a tensor of its own and no elementwise pass reads it back."""
-    z = x.to(a.dtype) @ a.t()
     if out.dtype != b.dtype or not out.is_contiguous():
-        return out + ((z * s) @ b.t()).to(out.dtype)
+        return out + low_rank_update(x, a, b, s).to(out.dtype)
+    z = x.to(a.dtype) @ a.t()
     out.view(-1, out.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), b.t(), alpha=s)
     return out
 
@@ -210,20 +215,19 @@ class LowRankMethod(AdapterMethod):
             if init is not None:
                 init.initialize(layer, layer.scaling)
             layer.finish_init()
-            if getattr(base, "source_weight", None) is not None:
-                base.source_weight = None  # a full-precision copy kept for the init modifier
+            base.source_weight = None   # the full-precision copy kept for the init modifier, if any
             setattr(parent, attr, layer)
         self.modifiers = list(modifiers)
         mark_trainable(model)
 
     def peft_config(self, model: nn.Module) -> dict:
-        """LoRA's ``adapter_config.json`` fields; a modifier may add its own through an
-        optional ``peft_config(config: dict)`` method (rsLoRA sets ``use_rslora``)."""
+        """LoRA's ``adapter_config.json`` fields; each modifier adds its own through
+        ``update_peft_config(config)`` (rsLoRA sets ``use_rslora``)."""
         config = {"peft_type": self.peft_type, "r": self.rank, "lora_alpha": self.options.alpha,
                   "lora_dropout": self.options.dropout, "use_rslora": False, "use_dora": False,
                   "init_lora_weights": True, "target_modules": peft_format.target_modules(model)}
-        for modifier in getattr(self, "modifiers", []):
-            getattr(modifier, "peft_config", lambda c: None)(config)
+        for modifier in self.modifiers:
+            modifier.update_peft_config(config)
         return config
 
 

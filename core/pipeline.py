@@ -1,8 +1,14 @@
-"""The run pipeline: load → quantize → evaluate → adapt → train → evaluate → save → report.
+"""The run pipeline, as named stages (each a function of this module, run by ``_run_locked``):
 
-    model spec ─▶ streaming.load_quantized (each layer quantized as it is read) ─▶ evaluators ("before")
-               ─▶ Composition.attach ─▶ Trainer.train ─▶ evaluators ("after")
-               ─▶ adapter/ + config.json + metrics.jsonl + report.{json,md} + loss.png
+    plan          every name resolved, every input checked, data read — before any load
+    load          streaming.load_quantized: each layer quantized as it is read
+    (record)      run_record.RunRecord written to RUN_DIR/config.json (an overwritten run swapped out now)
+    evaluate_before   the evaluators on the quantized model ("before", kept for --resume)
+    attach        the adapter attached under the run's seed (and --init-adapter's weights loaded)
+    trainer_for   the Trainer over the encoded data ─▶ train (resumes from RUN_DIR/checkpoints)
+    save_adapter  RUN_DIR/adapter in PEFT's format
+    evaluate      the evaluators "after" (and each variant an adapter asks for)
+    report        report.{json,md} + loss.png
 
 Every name is resolved and every input checked before the model is loaded, so a typo
 costs a second, not a conversion.
@@ -14,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from qpeft.core import data as datasets
-from qpeft.core import distributed, memory, models, registry, report, rundir, streaming, templates
+from qpeft.core import distributed, memory, models, registry, report, run_record, rundir, streaming, templates
 from qpeft.core.adapter import compose
 from qpeft.core.batch_source import EncodedBatches
 from qpeft.core.batching import pack
@@ -24,9 +30,9 @@ from qpeft.core.errors import QpeftError
 from qpeft.core.evaluator import EvalContext
 from qpeft.core.plugin import Plugin
 from qpeft.core.quantizer import model_bytes
+from qpeft.core.run_record import RunRecord
 from qpeft.core.spec import parse, split_list
 from qpeft.core.trainer import Trainer, seed_everything
-from qpeft.core.version import __version__
 
 
 @dataclasses.dataclass
@@ -51,12 +57,17 @@ def build_plugin(kind: str, spec: str, reg) -> Plugin:
     return reg.get(kind, name).from_values(values)
 
 
-def plan(cfg: RunConfig) -> Plan:
-    """Resolve plugins and load data; fails fast with one-line errors."""
+def plan(cfg: RunConfig, record: RunRecord | None = None) -> Plan:
+    """Resolve plugins and load data; fails fast with one-line errors. With the ``record``
+    of a finished run, its quantizer and adapter are rebuilt from what it recorded (not
+    re-parsed from the specs), so evaluating a run again uses the plugins it trained with."""
     reg = registry.default()
-    quantizer = build_plugin("quantizer", cfg.quant, reg)
-    init = init_adapter(cfg, reg) if cfg.init_adapter else None
-    adapter = init.composition if init else compose(cfg.adapter, reg)
+    if record is not None:
+        quantizer, init, adapter = record.build_quantizer(reg), None, record.composition(reg)
+    else:
+        quantizer = build_plugin("quantizer", cfg.quant, reg)
+        init = init_adapter(cfg, reg) if cfg.init_adapter else None
+        adapter = init.composition if init else compose(cfg.adapter, reg)
     evaluators = [build_plugin("evaluator", s, reg) for s in split_list(cfg.evaluators)]
     if cfg.data is None:
         train, validation = datasets.split(datasets.bundled("train"), cfg.validation_split, cfg.train.seed)
@@ -96,31 +107,15 @@ def run_mode(cfg: RunConfig) -> str:
     return "new"
 
 
-def open_run_dir(cfg: RunConfig, mode: str, resolved: dict) -> Path:
-    """The run directory with ``config.json`` written; an overwritten run is swapped out
+def open_run_dir(cfg: RunConfig, mode: str, record: RunRecord) -> Path:
+    """The run directory with its record written; an overwritten run is swapped out
     only now, after the new run has loaded its model (build beside, swap in)."""
-    text = json.dumps(resolved, indent=2, default=str)
     if mode == "resume":
-        run_dir = cfg.run_dir
-        _write(run_dir / "config.json", text)
-        return run_dir
+        run_record.write(cfg.run_dir, record)
+        return cfg.run_dir
     with rundir.Staged(cfg.run_dir) as staged:
-        _write(staged.path / "config.json", text)
+        run_record.write(staged.path, record)
         return staged.commit()
-
-
-def _write(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise rundir.disk_error(exc, str(path)) from None
-
-
-def plugin_record(plugin: Plugin) -> dict:
-    origin = plugin.origin
-    return {"name": plugin.name, "origin": origin.distribution if origin else None,
-            "version": origin.version if origin else None,
-            "options": dataclasses.asdict(plugin.options)}
 
 
 def encoder(cfg: RunConfig, tokenizer):
@@ -139,13 +134,6 @@ def eval_context(cfg: RunConfig, model, tokenizer, device, validation: list, tes
 
 def _template(cfg: RunConfig):
     return cfg.template if cfg.template != "auto" else None
-
-
-def adapter_meta(resolved: dict) -> dict:
-    """What an adapter directory records beside PEFT's files, from a run's config.json."""
-    return {"quantizer": resolved["quantizer"], "adapter_spec": resolved["adapter"]["spec"],
-            "base_model": resolved["config"]["model"] or models.EMBEDDED,
-            "qpeft_version": resolved["qpeft_version"]}
 
 
 def evaluate(evaluators, ctx: EvalContext, say) -> dict:
@@ -191,34 +179,65 @@ def run(cfg: RunConfig, say=print) -> dict:
 
 
 def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
+    """The stages of a run, in order (each a function below)."""
     device = distributed.device_for(cfg.device)
-    resolved = {"run": cfg.run_name, "qpeft_version": __version__, "config": cfg.to_dict(),
-                "quantizer": plugin_record(p.quantizer),
-                "adapter": {"spec": cfg.adapter, "parts": [plugin_record(a) for a in p.adapter.parts]},
-                "evaluators": [plugin_record(e) for e in p.evaluators]}
+    record = RunRecord.started(cfg, p, cfg.run_name)
+    model, tokenizer, facts = load(cfg, p, device, world, say)
+    run_dir = open_run_dir(cfg, mode, record) if world.is_main else cfg.run_dir
+    world.barrier()
+    ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test)
+    before = evaluate_before(p, ctx, facts, run_dir, mode == "resume", world, say)
+    attach(cfg, p, model)
+    trainer, stats = trainer_for(cfg, p, model, tokenizer, run_dir, device, say)
+    result = trainer.train(resume=mode == "resume")
+    facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
+                 tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
+    if world.is_main:
+        facts["adapter_disk_mb"] = save_adapter(p, model, run_dir, record)
+    after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
+    after.update(evaluate_variants(p, model, ctx, facts, say))
+    out = report.build(record, before, after, facts, result, stats, p.evaluators)
+    if world.is_main:
+        report.write(run_dir, out, result.history)
+        say(f"qpeft: done; report at {run_dir / 'report.md'}")
+    return out
+
+
+def load(cfg: RunConfig, p: Plan, device, world, say):
+    """Stage 1: the model, quantized layer by layer as it is read; ``(model, tokenizer, facts)``."""
     say(f"qpeft: loading {cfg.model or models.EMBEDDED} on {device}")
     model, tokenizer, loaded = streaming.load_quantized(cfg.model, p.quantizer, device, progress=world.is_main,
                                                         keep_source=p.adapter.needs_source_weights)
     facts = {"model_mb_before": round(loaded["model_mb_before"], 2),
              "quantized_model_mb": round(model_bytes(model) / 2**20, 2),
              "quantize_seconds": round(loaded["quantize_seconds"], 2)}
-    run_dir = open_run_dir(cfg, mode, resolved) if world.is_main else cfg.run_dir
-    world.barrier()
+    return model, tokenizer, facts
 
-    ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test)
 
+def evaluate_before(p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, world, say) -> dict:
+    """Stage 2: the evaluators on the quantized model before training (kept in
+    ``eval_before.json``, so a resumed run does not measure them again)."""
     before_file = run_dir / "eval_before.json"
-    if mode == "resume" and before_file.is_file():
-        before = json.loads(before_file.read_text())
-    else:
-        before = evaluate(p.evaluators, ctx(stage="before", facts=dict(facts)), say)
-        if world.is_main:
-            before_file.write_text(json.dumps(before, indent=2))
+    if resuming and before_file.is_file():
+        return json.loads(before_file.read_text())
+    before = evaluate(p.evaluators, ctx(stage="before", facts=dict(facts)), say)
+    if world.is_main:
+        before_file.write_text(json.dumps(before, indent=2))
+    return before
 
-    seed_everything(cfg.train.seed)   # the adapter's initialisation is part of the run's seed
+
+def attach(cfg: RunConfig, p: Plan, model) -> None:
+    """Stage 3: the adapter attached (its initialisation is part of the run's seed), and
+    the weights of ``--init-adapter`` loaded into it."""
+    seed_everything(cfg.train.seed)
     p.adapter.attach(model)
-    if p.init is not None:            # --init-adapter: start from its weights
+    if p.init is not None:
         p.init.load(model)
+
+
+def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, run_dir: Path, device, say):
+    """Stage 4: the trainer over the encoded (and, with --packing, packed) training set,
+    with the validation loss as its periodic evaluation; ``(trainer, encode stats)``."""
     items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
     if cfg.packing:
         items = pack(items, cfg.max_length, cfg.train.seed)
@@ -231,18 +250,10 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
 
     trainer = Trainer(model, batches, cfg.train, run_dir, device, evaluate=validation_loss,
                       hooks=[p.quantizer, *p.adapter.parts, *p.evaluators], say=say)
-    result = trainer.train(resume=mode == "resume")
-    facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
-                 tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
+    return trainer, stats
 
-    if world.is_main:
-        p.adapter.method.save(model, run_dir / "adapter", adapter_meta(resolved))
-        facts["adapter_disk_mb"] = round(sum(f.stat().st_size for f in (run_dir / "adapter").iterdir()) / 2**20, 3)
-    after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
-    after.update(evaluate_variants(p, model, ctx, facts, say))
-    out = report.build(resolved, before, after, facts, result, stats)
-    out["higher_is_better"] = {e.name: dict(e.higher_is_better) for e in p.evaluators}  # for compare
-    if world.is_main:
-        report.write(run_dir, out, result.history)
-        say(f"qpeft: done; report at {run_dir / 'report.md'}")
-    return out
+
+def save_adapter(p: Plan, model, run_dir: Path, record: RunRecord) -> float:
+    """Stage 5: ``run_dir/adapter`` in PEFT's format; returns its size in MiB."""
+    p.adapter.method.save(model, run_dir / "adapter", record.adapter_meta())
+    return round(sum(f.stat().st_size for f in (run_dir / "adapter").iterdir()) / 2**20, 3)

@@ -23,6 +23,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class QuantizedLinear(nn.Module):
     """A frozen ``y = x·Ŵᵀ + b`` whose weight Ŵ (out×in) is held in some storage format."""
 
+    # The original full-precision W (float, on CPU), set by Quantizer.quantize_one only when
+    # the run's adapter declares ``needs_source_weights`` (LoftQ fits its init to W − Ŵ); the
+    # adapter method sets it back to None once its layer is initialised.
+    source_weight: torch.Tensor | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
                  compute_dtype: torch.dtype):
         super().__init__()

@@ -16,17 +16,20 @@ def brief(metrics: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown)
 
 
-def build(resolved: dict, before: dict, after: dict, facts: dict, result, encode_stats) -> dict:
-    """Everything a comparison needs about one run."""
+def build(record, before: dict, after: dict, facts: dict, result, encode_stats, evaluators=()) -> dict:
+    """Everything a comparison needs about one run (``record``: its RunRecord;
+    ``higher_is_better`` per evaluator is kept so that ``qpeft compare`` ranks any metric)."""
+    recorded = record.to_dict()
     return {
-        "run": resolved["run"],
-        "quantizer": resolved["quantizer"], "adapter": resolved["adapter"],
-        "model": resolved["config"]["model"] or "SmolLM2-135M-Instruct",
-        "qpeft_version": resolved["qpeft_version"],
+        "run": record.run,
+        "quantizer": recorded["quantizer"], "adapter": recorded["adapter"],
+        "model": record.base_model,
+        "qpeft_version": record.qpeft_version,
         "before": before, "after": after, "facts": facts,
         "training": {"steps": result.steps, "final_loss": result.final_loss,
                      "seconds": round(result.seconds, 2), "tokens": result.tokens,
                      "examples": dataclasses.asdict(encode_stats)},
+        "higher_is_better": {e.name: dict(e.higher_is_better) for e in evaluators},
     }
 
 

@@ -33,7 +33,7 @@ def test_the_grid_writes_tables_and_plots_with_a_row_per_combination(grid_dir):
         assert (grid_dir / name).stat().st_size > 0, name
     table = json.loads((grid_dir / "comparison.json").read_text())
     rows = table["rows"]
-    assert "export_ppl_shipped" not in table["columns"] and "export_ppl_shipped" not in rows[0]
+    assert "export_shipped" not in table["columns"] and "export_shipped" not in rows[0]
     assert table["edge_quality"] == "perplexity:perplexity"       # the first evaluator's primary metric
     assert list(table["columns"])[:9] == [
         "quant", "adapter", "status", "perplexity:perplexity:before", PPL, "perplexity:eval_loss:before",
@@ -60,13 +60,13 @@ def test_export_quant_adds_the_merge_cost_of_each_finished_cell(grid_dir, tiny_d
     rows = compare.compare(QUANTS, ADAPTERS, grid_dir, FLAGS + ["--model", tiny_dir], model=tiny_dir,
                            say=lambda _: None, export_quant="none:compute_dtype=float32")
     for r in rows:
-        assert r["export_ppl_trained"] == pytest.approx(r[PPL], rel=1e-4)
-        assert r["export_ppl_merged"] == pytest.approx(r["export_ppl_trained"], rel=1e-2)
+        assert r["export_trained"] == pytest.approx(r[PPL], rel=1e-4)      # by the edge quality: perplexity
+        assert r["export_merged"] == pytest.approx(r["export_trained"], rel=1e-2)
         assert r["export_gap_pct"] == pytest.approx(
-            100 * (r["export_ppl_shipped"] / r["export_ppl_trained"] - 1), abs=1e-2)
+            100 * (r["export_shipped"] / r["export_trained"] - 1), abs=1e-2)
     assert len(list(grid_dir.glob("*/export-none_compute_dtype_float32.json"))) == 4
     md = (grid_dir / "comparison.md").read_text()
-    assert "| ppl shipped (merged + re-quantized) |" in md and "re-quantized with `none:compute_dtype=float32`" in md
+    assert "| export: shipped (merged + re-quantized) |" in md and "`perplexity:perplexity` on the run's" in md and "re-quantized with `none:compute_dtype=float32`" in md
     with open(grid_dir / "comparison.csv") as f:
         assert "export_gap_pct" in csv.DictReader(f).fieldnames
 

@@ -9,6 +9,7 @@ from qpeft.core import config
 from qpeft.core.errors import OptionsError, QpeftError
 from qpeft.core.optim import build_optimizer, build_schedule
 from qpeft.core.trainer import TrainConfig
+from qpeft.core.run_record import RunRecord
 
 
 def test_yaml_file_with_flags_overriding_it(tmp_path):
@@ -205,5 +206,5 @@ def test_a_damaged_run_config_is_one_line_naming_it(monkeypatch, tmp_path, conte
 def test_a_well_formed_run_config_reads_back(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**resolved_run(), "config": {
         **config.RunConfig().to_dict(), "device": "cuda"}}))
-    resolved = config.read_run(tmp_path)        # a GPU run's config reads on any machine
-    assert config.build(None, {}, config.saved_settings(resolved, tmp_path)).device == "cuda"
+    record = RunRecord.read(tmp_path)        # a GPU run's config reads on any machine
+    assert record.settings(tmp_path).device == "cuda"

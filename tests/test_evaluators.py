@@ -31,9 +31,10 @@ def test_footprint_copies_every_run_fact_and_measures_its_own_numbers(tiny, toke
 
     tiny.requires_grad_(False)
     tiny.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)      # 64 × 64 trainable
-    facts = {"peak_rss_mb": 321.0, "a_fact_added_later": 7, "model_mb": -1.0}
+    facts = {"peak_rss_mb": 321.0, "a_fact_added_later": 7, "model_mb": -1.0, "quantized_model_mb": 5.0}
     got = Footprint().evaluate(context(tiny, tokenizer, facts=facts))
     assert got["peak_rss_mb"] == 321.0 and got["a_fact_added_later"] == 7
+    assert "quantized_model_mb" not in got          # the same size as model_mb: not repeated
     assert got["trainable_params"] == 4096 and got["adapter_mb"] == round(4096 * 4 / 2**20, 3)
     every = sum(p.numel() for p in {p.data_ptr(): p for p in tiny.parameters()}.values())
     assert got["trainable_pct"] == round(100 * 4096 / (every - 4096), 4)

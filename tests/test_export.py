@@ -1,5 +1,6 @@
 """Rebuilding finished runs: re-evaluation, export at a rank, and a merged model transformers loads."""
 import json
+import math
 
 import pytest
 import torch
@@ -64,7 +65,9 @@ def test_merge_and_requant_reports_the_quality_cost_and_reloads_as_what_it_measu
     assert result.exit_code == 0, result.output
     assert "merged, re-quantized nf4:compute_dtype=float32 (shipped)" in result.stdout
     saved = json.loads((out / "export_report.json").read_text())
-    ppl = saved["perplexity"]
+    assert saved["quality"] == {"evaluator": "perplexity", "metric": "perplexity", "higher_is_better": False,
+                                "options": {"batch_size": 8}}
+    ppl = saved["values"]
     assert ppl["trained"] == pytest.approx(report["after"]["perplexity"]["perplexity"], rel=1e-5)
     assert ppl["merged"] == pytest.approx(ppl["trained"], rel=1e-4)     # merging is exact up to rounding
     assert saved["relative_gap"]["shipped_vs_trained"] == pytest.approx(ppl["shipped"] / ppl["trained"] - 1, abs=1e-6)
@@ -78,6 +81,19 @@ def test_merge_and_requant_reports_the_quality_cost_and_reloads_as_what_it_measu
                               "save_every": 0, "output_dir": str(tmp_path), "progress": False})
     again = pipeline.run(cfg, say=lambda _: None)
     assert again["before"]["perplexity"]["perplexity"] == pytest.approx(ppl["shipped"], rel=1e-5)
+
+    # any metric of the run's evaluators measures the cost; one it did not run is one line
+    by_loss = CliRunner().invoke(cli, ["export", str(run_dir), "--merge", "--quant", spec, "--quality",
+                                       "perplexity:eval_loss", "--out", str(tmp_path / "by-loss")])
+    assert by_loss.exit_code == 0, by_loss.output
+    loss = json.loads((tmp_path / "by-loss" / "export_report.json").read_text())["values"]
+    assert loss["trained"] == pytest.approx(report["after"]["perplexity"]["eval_loss"], rel=1e-5)
+    assert loss["shipped"] == pytest.approx(math.log(ppl["shipped"]), rel=1e-5)
+    bad = CliRunner().invoke(cli, ["export", str(run_dir), "--merge", "--quant", spec, "--quality", "accuracy",
+                                   "--out", str(tmp_path / "acc")])
+    assert bad.exit_code == 2 and not (tmp_path / "acc").exists()
+    assert bad.output.strip().splitlines()[-1] == ("Error: --quality 'accuracy': 'accuracy' is not among "
+                                                   "--evaluators (perplexity); use one the run measured: perplexity")
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "again"), "--evaluators", "perplexity"])
     assert result.exit_code == 0, result.output
 

@@ -78,6 +78,8 @@ CASES = [
      "defines 'report_variant', which nothing calls; did you mean 'report_variants'?"),
     (type("Maker", (LoRA,), {"name": "maker", "make_layers": lambda self, base, modifiers: None}),
      "defines 'make_layers', which nothing calls; did you mean 'make_layer'?"),  # LoRA's, not a core hook
+    (modifier("oldname", modifies="scaling", scaling=scale, peft_config=lambda self, config: None),
+     "is a modifier defining peft_config(); a modifier's hook is update_peft_config(config) — rename it"),
     (type("Empty", (Quantizer,), {"name": "empty"}), "does not define quantize_linear()"),
     (type("Mute", (Evaluator,), {"name": "mute", "evalute": lambda self, ctx: {}}),
      "does not define evaluate(); defines 'evalute', which nothing calls; did you mean 'evaluate'?"),

@@ -14,6 +14,7 @@ from qpeft.core.cli.main import cli
 from qpeft.core.errors import QpeftError
 from qpeft.core.loss import token_loss_sum
 from qpeft.core import peft_import
+from qpeft.core.run_record import RunRecord
 
 peft = pytest.importorskip("peft")
 
@@ -178,7 +179,7 @@ def test_training_continues_from_a_peft_adapter(tiny_dir, base, written, tmp_pat
     assert after < before
 
     # the run resumes from what config.json recorded; its saved adapter reads back as qpeft's own
-    saved = config.build(None, {}, config.saved_settings(resolved, run_dir))
+    saved = RunRecord.read(run_dir).settings(run_dir)
     assert pipeline.plan(saved).adapter.spec == resolved["adapter"]["spec"]
     assert peft_import.read(run_dir / "adapter").written_by_qpeft
     line = one_line(CliRunner().invoke(cli, ["eval", str(run_dir), "--model", tiny_dir]))

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from qpeft.core import config, registry, spec
 from qpeft.core.cli.main import cli
 from qpeft.core.errors import OptionsError
+from qpeft.core.run_record import PluginRecord, RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -75,11 +76,13 @@ def test_run_refuses_a_comma_list_in_one_line_before_loading_anything():
 
 
 def test_a_run_recorded_with_the_old_comma_lists_still_reads():
-    old = {"config": {"evaluators": "perplexity,accuracy", "model": None},
-           "evaluators": [{"name": "perplexity"}, {"name": "accuracy"}]}
-    assert config.saved_settings(old, "runs/x")["evaluators"] == "perplexity;accuracy"
-    new = {"config": {"evaluators": "lm-eval:tasks=a,b", "model": None}, "evaluators": [{"name": "lm-eval"}]}
-    assert config.saved_settings(new, "runs/x")["evaluators"] == "lm-eval:tasks=a,b"
+    def record(text, names):
+        return RunRecord("x", "0", {"evaluators": text, "model": None}, PluginRecord("nf4", {}), "lora",
+                         (PluginRecord("lora", {}),), tuple(PluginRecord(n, {}) for n in names))
+
+    assert record("perplexity,accuracy", ["perplexity", "accuracy"]).flags("runs/x")["evaluators"] == \
+        "perplexity;accuracy"
+    assert record("lm-eval:tasks=a,b", ["lm-eval"]).flags("runs/x")["evaluators"] == "lm-eval:tasks=a,b"
 
 
 def documented_specs() -> list[tuple[str, str, str, bool]]:

@@ -23,7 +23,7 @@ LIST_HELP = "specs separated by ';', or the flag repeated (commas belong to opti
 @click.option("--edge-weights", help="weights of quality,memory,disk,time [default: quality=0.4,memory=0.2,disk=0.2,time=0.2]")
 @click.option("--export-quant", metavar="SPEC",
               help="after each cell, merge its adapter and re-quantize with this quantizer spec; adds "
-                   "columns: perplexity trained vs merged vs shipped (as qpeft export --merge --quant)")
+                   "columns: the edge quality's metric trained vs merged vs shipped (as qpeft export --merge --quant)")
 @click.pass_context
 def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget, edge_quality, edge_weights,
                     export_quant):

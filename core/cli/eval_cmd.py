@@ -76,10 +76,11 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     import json
     from pathlib import Path
 
-    from qpeft.core import config, distributed, pipeline, rebuild
+    from qpeft.core import distributed, pipeline, rebuild
+    from qpeft.core.run_record import PluginRecord, RunRecord
 
-    resolved = config.read_run(run_dir)
-    cfg = rebuild.run_settings(resolved, run_dir)
+    record = RunRecord.read(run_dir)
+    cfg = record.settings(run_dir)
     if evaluators:
         from qpeft.core.spec import join_list
 
@@ -87,22 +88,21 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     if limit is not None:
         cfg.eval_limit = limit
     cfg.init_adapter = None             # the run's own saved adapter is evaluated
-    plan = pipeline.plan(cfg)           # checks the evaluator specs before the model loads
+    plan = pipeline.plan(cfg, record)   # checks the evaluator specs before the model loads
     device = distributed.device_for(device)
-    say(f"qpeft: rebuilding {Path(run_dir).name} ({resolved['quantizer']['name']} × "
-        f"{resolved['adapter']['spec']}) on {device}")
-    built = rebuild.rebuild(run_dir, device, rank)
+    say(f"qpeft: rebuilding {Path(run_dir).name} ({record.quantizer.name} × {record.adapter_spec}) on {device}")
+    built = rebuild.rebuild(run_dir, device, rank, record, plan)
     report = _read_json(Path(run_dir) / "report.json")
     ctx = pipeline.eval_context(built.cfg, built.model, built.tokenizer, device, plan.validation,
                                 plan.test)(stage="after", facts=dict(report.get("facts") or {}))
     results = pipeline.evaluate(plan.evaluators, ctx, say)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    record = {"run": resolved["run"], "evaluated_at": stamp, "rank": rank, "eval_limit": cfg.eval_limit,
-              "evaluators": [pipeline.plugin_record(e) for e in plan.evaluators], "results": results,
-              "report_after": report.get("after", {})}
+    out_record = {"run": record.run, "evaluated_at": stamp, "rank": rank, "eval_limit": cfg.eval_limit,
+                  "evaluators": [PluginRecord.of(e).to_dict() for e in plan.evaluators], "results": results,
+                  "report_after": report.get("after", {})}
     path = Path(out) if out else Path(run_dir) / (f"eval-rank{rank}.json" if rank is not None else f"eval-{stamp}.json")
-    path.write_text(json.dumps(record, indent=2, default=str))
-    return record, path
+    path.write_text(json.dumps(out_record, indent=2, default=str))
+    return out_record, path
 
 
 def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limit=None, device="auto",
@@ -114,6 +114,7 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
     from pathlib import Path
 
     from qpeft.core import config, distributed, models, pipeline, rebuild
+    from qpeft.core.run_record import PluginRecord
 
     flags = {**settings, "init_adapter": str(directory), "evaluators": evaluators, "eval_limit": limit}
     cfg = config.build(None, {k: v for k, v in flags.items() if v is not None})
@@ -126,9 +127,9 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
                                 plan.test)(stage="after", facts={})
     results = pipeline.evaluate(plan.evaluators, ctx, say)
     record = {"adapter": str(directory), "adapter_spec": cfg.adapter, "model": model,
-              "quantizer": pipeline.plugin_record(plan.quantizer), "rank": rank, "eval_limit": cfg.eval_limit,
+              "quantizer": PluginRecord.of(plan.quantizer).to_dict(), "rank": rank, "eval_limit": cfg.eval_limit,
               "evaluated_at": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
-              "evaluators": [pipeline.plugin_record(e) for e in plan.evaluators], "results": results}
+              "evaluators": [PluginRecord.of(e).to_dict() for e in plan.evaluators], "results": results}
     if out:
         Path(out).write_text(json.dumps(record, indent=2, default=str))
     return record, (Path(out) if out else None)

@@ -20,7 +20,10 @@ DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
                    "(sharded safetensors + tokenizer) that transformers loads.")
 @click.option("--quant", "quant_spec",
               help="With --merge: re-quantize the merged model with this quantizer (nf4, hqq:nbits=4, ...) "
-                   "and report the perplexity cost on the run's validation set (export_report.json).")
+                   "and report the quality cost on the run's validation set (export_report.json).")
+@click.option("--quality", metavar="EVALUATOR[:METRIC]",
+              help="With --quant: the metric that measures the cost, one of the run's evaluators "
+                   "[default: the first of them with a primary metric, e.g. perplexity]")
 @click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)), default=None,
               help="Tensor type of a --format gguf file [default: f16]; norms stay f32.")
 @click.option("--rank", type=params.RANK, default=None,
@@ -29,7 +32,8 @@ DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
               help="Weight dtype of a merged model [default: float32].")
 @click.option("--max-shard-size", default=None, help="Shard size of a merged model [default: 500MB].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_command(run_dir, out_path, fmt, merge, quant_spec, gguf_type, rank, dtype, max_shard_size, overwrite):
+def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type, rank, dtype, max_shard_size,
+                   overwrite):
     """Export RUN_DIR's adapter (PEFT format), a merged full model, or a merged GGUF file.
 
     \b
@@ -38,6 +42,7 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, gguf_type, rank, d
       qpeft export runs/nf4-qdylora --rank 4 --out rank4-adapter
       qpeft export runs/nf4-dora --merge --dtype bfloat16 --out merged-model
       qpeft export runs/nf4-lora --merge --quant nf4 --out merged-nf4      # + quality cost
+      qpeft export runs/nf4-lora --merge --quant nf4 --quality accuracy --out merged-nf4
       qpeft export runs/nf4-lora --format gguf --gguf-type q8_0 --out model-q8_0.gguf
     """
     from pathlib import Path
@@ -47,11 +52,14 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, gguf_type, rank, d
 
     out = Path(out_path)
     check_combination(fmt, merge, quant_spec, gguf_type, dtype, max_shard_size)
-    quantizer = None
+    if quality is not None and quant_spec is None:
+        raise QpeftError("--quality measures a re-quantized export; add --merge --quant SPEC, or drop --quality")
+    quantizer = checked = None
     if quant_spec is not None:
         from qpeft.core import requant
 
         quantizer = requant.check_spec(quant_spec)   # a bad spec is one line, before any load
+        checked = requant.validation(run_dir, quality)   # the run's record, evaluator and data, too
     if fmt == "gguf":
         from qpeft.core import gguf_export
 
@@ -66,7 +74,7 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, gguf_type, rank, d
         from qpeft.core import requant
 
         report = requant.export(run_dir, out, quantizer, quant_spec, dtype or "float32", rank,
-                                max_shard_size or "500MB", say)
+                                max_shard_size or "500MB", say, quality, checked)
         click.echo(requant.table(report))
         say(f"merged model written to {out}, with {requant.QUANT_FILE} and {requant.REPORT_FILE}; "
             f"load it re-quantized with: qpeft run --model {out} --quant '{quant_spec}'")
@@ -98,7 +106,6 @@ def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say) -> None:
     """The adapter in PEFT's format, or the merged model as a transformers directory."""
     import torch
 
-    from qpeft.core.pipeline import adapter_meta
     from qpeft.core.rebuild import rebuild
     from qpeft.core.rundir import Staged
 
@@ -111,7 +118,7 @@ def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say) -> None:
             built.tokenizer.save_pretrained(staged.path)
             done = "merged model written to {} (load it with AutoModelForCausalLM.from_pretrained)"
         else:
-            method.save(built.model, staged.path, adapter_meta(built.resolved))
+            method.save(built.model, staged.path, built.record.adapter_meta())
             done = "adapter written to {} (PEFT format; qpeft_adapter.json has the rest)"
         staged.commit()
     say(done.format(out))
@@ -121,15 +128,15 @@ def export_gguf(run_dir, out, gguf_type, rank, say) -> None:
     """The merged model as one GGUF file (adapter folded in, in float32, then typed per tensor)."""
     import torch
 
-    from qpeft.core import config, gguf_export, models
+    from qpeft.core import gguf_export
     from qpeft.core.rebuild import rebuild
+    from qpeft.core.run_record import RunRecord
 
-    resolved = config.read_run(run_dir)
-    gguf_export.check_source(resolved["config"]["model"])   # architecture, before the load
-    built = rebuild(run_dir, rank=rank)
+    record = RunRecord.read(run_dir)
+    gguf_export.check_source(record.model)   # architecture, before the load
+    built = rebuild(run_dir, rank=rank, record=record)
     merged = built.composition.method.merge(built.model, torch.float32)
-    base = resolved["config"]["model"] or models.EMBEDDED
-    name = f"{resolved['run']} ({_base_name(base)} + {resolved['adapter']['spec']}, merged by qpeft)"
+    name = f"{record.run} ({_base_name(record.base_model)} + {record.adapter_spec}, merged by qpeft)"
     with gguf_export.StagedFile(out) as staged:
         summary = gguf_export.write(merged, built.tokenizer, staged.file, gguf_type, name)
         staged.commit()

@@ -79,7 +79,9 @@ def run_command(run_dir, config_file, **flags):
     if run_dir is not None:
         if not flags.get("resume"):
             raise click.UsageError("RUN_DIR is only taken with --resume; use --name to name a new run")
-        base = run_config.saved_settings(run_config.read_run(run_dir), run_dir)
+        from qpeft.core.run_record import RunRecord
+
+        base = RunRecord.read(run_dir).flags(run_dir)
     cfg = run_config.build(config_file, given(flags), base)
     problem = run_config.device_problem(cfg.device)   # a resumed run's saved --device, too
     if problem:

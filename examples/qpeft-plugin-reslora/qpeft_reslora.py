@@ -285,7 +285,7 @@ class ResLoRA(LowRankMethod):
     def peft_config(self, model) -> dict:
         """A plain LoRA of the saved rank, with lora_alpha chosen so PEFT's scale is our s."""
         config = super().peft_config(model)
-        rank, s = self.saved_rank, self.scaling(getattr(self, "modifiers", []))
+        rank, s = self.saved_rank, self.scaling(self.modifiers)
         config["r"] = rank
         config["lora_alpha"] = s * (rank ** 0.5 if config.get("use_rslora") else rank)
         return config

@@ -41,7 +41,7 @@ class OLoRA(Adapter):
         layer.lora_A.copy_(rr[:r])
         layer.set_base_weight(weight - scaling * (q[:, :r] @ rr[:r]))
 
-    def peft_config(self, config: dict) -> None:
+    def update_peft_config(self, config: dict) -> None:
         """PEFT re-runs the same decomposition on load when told so."""
         config["init_lora_weights"] = "olora"
 

@@ -23,7 +23,7 @@ class RsLoRA(Adapter):
         """s = α/√r (Kalajdzievski 2023, §3, Theorem 3.2)."""
         return alpha / math.sqrt(r)
 
-    def peft_config(self, config: dict) -> None:
+    def update_peft_config(self, config: dict) -> None:
         """PEFT's name for the same rule."""
         config["use_rslora"] = True
 

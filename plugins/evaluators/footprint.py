@@ -40,7 +40,8 @@ class Footprint(Evaluator):
                     "trainable_params": trainable,
                     "trainable_pct": round(100 * trainable / max(base, 1), 4),
                     "adapter_mb": round(trainable_bytes / 2**20, 3)}
-        return {**ctx.facts, **measured}
+        facts = {k: v for k, v in ctx.facts.items() if k != "quantized_model_mb"}   # = model_mb, measured here
+        return {**facts, **measured}
 
 
 @hookimpl
