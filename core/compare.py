@@ -1,7 +1,9 @@
 """Comparing quantizer × adapter combinations: run a grid, tabulate it, score it for the edge.
 
     --quant "none;nf4" × --adapter "lora;dora" ─▶ one `qpeft run` PROCESS per cell
-        (a crash or OOM costs one cell; a cell whose report.json exists is skipped)
+        (a crash or OOM costs one cell; a cell whose run record holds this grid's settings
+         is skipped when it has its report.json and resumed when it has not; one with other
+         settings stops the grid unless --overwrite)
     ─▶ rows from each run's report.json ─▶ edge score ─▶ comparison.{md,csv,json} + plots
 
 Columns come from what the evaluators report: every metric an evaluator declares in
@@ -110,13 +112,71 @@ def spec_errors(quants: list, adapters: list, export_quant: str | None = None) -
     return out
 
 
-def run_cell(cell: Cell, output_dir: Path, flags: list, log_dir: Path) -> str | None:
-    """``qpeft run`` for one cell in its own process; None on success, else the last
-    stderr line. The whole stderr goes to ``log_dir/<cell>.log``."""
+# Settings that change how a run is shown, not what it computes: a finished cell is reused
+# whatever they were.
+NOT_COMPARED = ("resume", "overwrite", "progress")
+
+
+def cell_settings(cell: Cell, output_dir: Path, flags: list):
+    """The RunConfig that the cell's ``qpeft run`` process builds from ``flags``, built the
+    same way here (the run command's own parser and settings)."""
+    from qpeft.core import config
+    from qpeft.core.cli.run_cmd import given, run_command
+
+    parsed = given(run_command.make_context("qpeft run", list(flags), resilient_parsing=False).params)
+    file = parsed.pop("config_file", None)
+    return config.build(file, {**parsed, "quant": cell.quant, "adapter": cell.adapter, "name": cell.name,
+                               "output_dir": str(output_dir)})
+
+
+def _flat(cfg) -> dict:
+    values = cfg.to_dict()
+    values.update(values.pop("train"))
+    return {k: v for k, v in values.items() if k not in NOT_COMPARED}
+
+
+def cell_modes(cells: list, output_dir: Path, flags: list, overwrite: bool = False) -> dict:
+    """``{cell name: mode}`` before any cell runs: "new"; "done" (its report is there and its
+    run record has this grid's settings); "resume" (same settings, stopped before its report:
+    continued from its checkpoint); "overwrite" (other settings or an unreadable record, with
+    ``overwrite``). Other settings without ``overwrite`` stop the grid: a finished cell is
+    never replaced, nor a stale one shown as this grid's, unasked."""
+    from qpeft.core.run_record import RunRecord
+
+    modes, problems = {}, []
+    for cell in cells:
+        run_dir = output_dir / cell.name
+        if not run_dir.exists():
+            modes[cell.name] = "new"
+            continue
+        try:
+            recorded = _flat(RunRecord.read(run_dir).settings(run_dir))
+            wanted = _flat(cell_settings(cell, output_dir, flags))
+            changed = [f"--{k.replace('_', '-')} {recorded.get(k)!r} (this grid: {v!r})"
+                       for k, v in wanted.items() if recorded.get(k) != v]
+        except QpeftError as exc:
+            changed = [f"its run record cannot be used ({exc})"]
+        if not changed:
+            modes[cell.name] = "done" if (run_dir / "report.json").is_file() else "resume"
+        elif overwrite:
+            modes[cell.name] = "overwrite"
+        else:
+            problems.append(f"{run_dir} was run with {changed[0]}")
+    if problems:
+        more = f" (and {len(problems) - 1} more cell{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise QpeftError(f"{problems[0]}{more}; nothing was run: pass --overwrite to run those cells "
+                         "again, or another --output-dir to keep both")
+    return modes
+
+
+def run_cell(cell: Cell, output_dir: Path, flags: list, log_dir: Path, mode: str = "new") -> str | None:
+    """``qpeft run`` for one cell in its own process (``mode`` "resume" or "overwrite" adds
+    that flag); None on success, else the last stderr line. The whole stderr goes to
+    ``log_dir/<cell>.log``."""
     cmd = [sys.executable, "-m", "qpeft", "run", "--name", cell.name, "--output-dir", str(output_dir),
            "--quant", cell.quant, "--adapter", cell.adapter, *flags]
-    if (output_dir / cell.name).exists():
-        cmd.append("--overwrite")   # an earlier attempt that left no report.json
+    if mode in ("resume", "overwrite"):
+        cmd.append(f"--{mode}")
     last = ""
     with open(log_dir / f"{cell.name}.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
@@ -129,20 +189,22 @@ def run_cell(cell: Cell, output_dir: Path, flags: list, log_dir: Path) -> str | 
     return None if code == 0 else (last or f"exited with status {code}")
 
 
-def run_grid(cells: list, output_dir: Path, flags: list, say=print, after=None) -> dict:
-    """Run every cell not finished yet; ``{cell name: error or None}``. ``after(cell)`` is
-    called for each finished cell, right after it (``--export-quant``)."""
+def run_grid(cells: list, output_dir: Path, flags: list, say=print, after=None, modes: dict | None = None) -> dict:
+    """Run every cell not finished yet (``modes``: from :func:`cell_modes`; None: every cell
+    new); ``{cell name: error or None}``. ``after(cell)`` is called for each finished cell,
+    right after it (``--export-quant``)."""
     from tqdm import tqdm
 
     log_dir = output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     errors = {}
     for cell in tqdm(cells, desc="grid", unit="cell", disable=None):
-        if (output_dir / cell.name / "report.json").is_file():
-            say(f"  {cell.name}: done before, skipped")
+        mode = (modes or {}).get(cell.name, "new")
+        if mode == "done":
+            say(f"  {cell.name}: done before with these settings, skipped")
             errors[cell.name] = None
         else:
-            errors[cell.name] = run_cell(cell, output_dir, flags, log_dir)
+            errors[cell.name] = run_cell(cell, output_dir, flags, log_dir, mode=mode)
             say(f"  {cell.name}: {'ok' if errors[cell.name] is None else errors[cell.name]}")
         if after is not None and errors[cell.name] is None:
             after(cell)
@@ -296,7 +358,8 @@ def run_evaluators(flags: list) -> list[str]:
 
 def compare(quants: list, adapters: list, output_dir, flags: list, budget: str | None = None,
             quality: str | None = None, weights: str | None = None, model: str | None = None,
-            say=print, export_quant: str | None = None, evaluators: list | None = None) -> list:
+            say=print, export_quant: str | None = None, evaluators: list | None = None,
+            overwrite: bool = False) -> list:
     """Check every spec, run the grid (resuming), write the tables and plots; returns the rows.
 
     ``quality`` is ``EVALUATOR[:METRIC]`` (None: the first of ``evaluators`` — the cells'
@@ -313,6 +376,7 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     if problems:
         raise QpeftError("; ".join(problems) + "; nothing was run: fix or drop the spec"
                          + ("s" if len(problems) > 1 else ""))
+    modes = cell_modes(cells, output_dir, flags, overwrite)
     say(f"qpeft: {len(cells)} combinations: " + ", ".join(f"{c.quant} × {c.adapter}" for c in cells))
     exports = {}
 
@@ -321,7 +385,7 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
 
         exports[cell.name] = requant.compare_columns(output_dir / cell.name, export_quant,
                                                      f"{edge.evaluator}:{edge.metric}", say)
-    errors = run_grid(cells, output_dir, flags, say, measure_export if export_quant else None)
+    errors = run_grid(cells, output_dir, flags, say, measure_export if export_quant else None, modes)
     rows = [row(c, errors[c.name], output_dir / c.name, reg) for c in cells]
     if export_quant:
         for r, c in zip(rows, cells):

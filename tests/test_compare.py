@@ -75,7 +75,7 @@ def test_a_failing_cell_is_recorded_and_the_others_still_run(monkeypatch, tmp_pa
     cells = compare.grid(["none", "hqq"], ["lora", "dora"])
     started = []
 
-    def fake_run_cell(cell, output_dir, flags, log_dir):
+    def fake_run_cell(cell, output_dir, flags, log_dir, mode="new"):
         started.append(cell.name)
         return "Error: boom" if cell.name == "none-lora" else None
     monkeypatch.setattr(compare, "run_cell", fake_run_cell)
@@ -92,10 +92,51 @@ def test_a_rerun_skips_finished_cells(grid_dir, tiny_dir):
                                       "--model", tiny_dir, "--output-dir", str(grid_dir),
                                       "--memory-budget", "1MB", *FLAGS])
     assert result.exit_code == 0, result.output
-    assert result.output.count("done before, skipped") == 4
+    assert result.output.count("done before with these settings, skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in reports} == before
     rows = json.loads((grid_dir / "comparison.json").read_text())["rows"]
     assert all(r["within_budget"] is False and r["edge_score"] is None for r in rows if r["status"] == "ok")
+
+
+def grid_args(grid_dir, tiny_dir, *extra):
+    return ["compare", "--quant", ";".join(QUANTS), "--adapter", ";".join(ADAPTERS), "--model", tiny_dir,
+            "--output-dir", str(grid_dir), *FLAGS, *extra]
+
+
+def test_a_rerun_with_other_settings_stops_before_any_cell_runs(grid_dir, tiny_dir):
+    reports = {p: p.stat().st_mtime_ns for p in grid_dir.glob("*/report.json")}
+    result = CliRunner().invoke(cli, grid_args(grid_dir, tiny_dir, "--steps", "3"))
+    assert result.exit_code == 2
+    first = grid_dir / compare.grid(QUANTS, ADAPTERS)[0].name
+    assert result.stderr.strip() == (f"Error: {first} was run with --steps 2 (this grid: 3) (and 3 more cells); "
+                                      "nothing was run: pass --overwrite to run those cells again, or another "
+                                      "--output-dir to keep both")
+    assert {p: p.stat().st_mtime_ns for p in grid_dir.glob("*/report.json")} == reports
+
+
+def test_a_cell_stopped_before_its_report_resumes_and_other_settings_need_overwrite(grid_dir, tiny_dir, tmp_path,
+                                                                                    monkeypatch):
+    import shutil
+
+    cell = compare.grid(QUANTS[:1], ADAPTERS[:1])[0]
+    out = tmp_path / "grid"
+    shutil.copytree(grid_dir / cell.name, out / cell.name)
+    (out / cell.name / "report.json").unlink()                 # stopped after training, before its report
+    flags = FLAGS + ["--model", tiny_dir]
+    assert compare.cell_modes([cell], out, flags) == {cell.name: "resume"}
+    assert compare.cell_modes([cell], out, flags + ["--lr", "0.1"], overwrite=True) == {cell.name: "overwrite"}
+    with pytest.raises(QpeftError, match=r"was run with --lr 0.0003 \(this grid: 0.1\); nothing was run"):
+        compare.cell_modes([cell], out, flags + ["--lr", "0.1"])
+    (out / cell.name / "config.json").write_text("{")
+    with pytest.raises(QpeftError, match="its run record cannot be used .*is not valid JSON"):
+        compare.cell_modes([cell], out, flags)
+    shutil.copy(grid_dir / cell.name / "config.json", out / cell.name / "config.json")
+
+    rows = compare.compare(QUANTS[:1], ADAPTERS[:1], out, flags, model=tiny_dir, say=lambda _: None)
+    assert rows[0]["status"] == "ok" and (out / cell.name / "report.json").is_file()
+    assert (out / "logs" / f"{cell.name}.log").read_text().splitlines()[0].endswith("--resume")
+    assert rows[0][PPL] == pytest.approx(json.loads((grid_dir / cell.name / "report.json").read_text())
+                                         ["after"]["perplexity"]["perplexity"], rel=1e-5)
 
 
 def test_a_cell_failing_at_run_time_records_its_last_stderr_line(tiny_dir, tmp_path):
@@ -178,7 +219,7 @@ def test_bad_specs_and_flags_stop_the_grid_before_any_cell_runs(monkeypatch, tmp
 def test_compare_runs_exactly_the_cells_written_from_flags_or_a_config_file(monkeypatch, tmp_path):
     started = []
 
-    def fake_run_cell(cell, output_dir, flags, log_dir):
+    def fake_run_cell(cell, output_dir, flags, log_dir, mode="new"):
         started.append((cell.quant, cell.adapter))
         return "not run in this test"
     monkeypatch.setattr(compare, "run_cell", fake_run_cell)
@@ -241,9 +282,14 @@ def fake_report(ppl: float, d2: float, disk: float) -> dict:
 def test_a_third_party_evaluator_gets_columns_and_can_be_the_edge_quality(third_party, monkeypatch, tmp_path):
     reports = {"none-lora": fake_report(10.0, 0.8, 100.0), "none-ia3": fake_report(5.0, 0.4, 100.0)}
 
-    def fake_run_cell(cell, output_dir, flags, log_dir):
+    def fake_run_cell(cell, output_dir, flags, log_dir, mode="new"):
         (output_dir / cell.name).mkdir()
         (output_dir / cell.name / "report.json").write_text(json.dumps(reports[cell.name]))
+        record = {"run": cell.name, "qpeft_version": "0",   # the record a run with these flags writes
+                  "config": compare.cell_settings(cell, output_dir, flags).to_dict(),
+                  "quantizer": {"name": cell.quant, "options": {}},
+                  "adapter": {"spec": cell.adapter, "parts": [{"name": cell.adapter, "options": {}}]}}
+        (output_dir / cell.name / "config.json").write_text(json.dumps(record))
     monkeypatch.setattr(compare, "run_cell", fake_run_cell)
     flags = ["--evaluators", "perplexity;distinct"]
     rows = compare.compare(["none"], ["lora", "ia3"], tmp_path, flags, quality="distinct:distinct_2",

@@ -24,16 +24,21 @@ LIST_HELP = "specs separated by ';', or the flag repeated (commas belong to opti
 @click.option("--export-quant", metavar="SPEC",
               help="after each cell, merge its adapter and re-quantize with this quantizer spec; adds "
                    "columns: the edge quality's metric trained vs merged vs shipped (as qpeft export --merge --quant)")
+@click.option("--overwrite", is_flag=True,
+              help="run again the cells of --output-dir whose recorded settings differ from this grid's "
+                   "[default: stop, naming the first difference]")
 @click.pass_context
 def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget, edge_quality, edge_weights,
-                    export_quant):
+                    export_quant, overwrite):
     """Run every QUANT × ADAPTER combination and compare them.
 
     Any other 'qpeft run' flag (--steps, --eval-limit, --evaluators, --lr, --config ...) is
     passed to every cell; a --config file may hold the quant and adapter lists. Every spec
     and flag is checked before the first cell starts. Each cell runs in its own process; a
     cell failing at run time is recorded with its error and the grid goes on. Rerunning
-    skips cells that have a report.json. Columns are the metrics the evaluators report.
+    skips the cells finished with the same settings (their run record says so), resumes the
+    ones stopped before their report, and stops — naming the setting — at a cell run with
+    other settings, unless --overwrite. Columns are the metrics the evaluators report.
 
     \b
     Examples:
@@ -58,7 +63,7 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
             flags += [flag, value]
     compare.compare(grid["quant"], grid["adapter"], output_dir, flags, memory_budget,
                     edge_quality, edge_weights, model, say=lambda line: click.echo(line, err=True),
-                    export_quant=export_quant, evaluators=split_list(cfg.evaluators))
+                    export_quant=export_quant, evaluators=split_list(cfg.evaluators), overwrite=overwrite)
 
 
 def _specs(key: str, value) -> list[str]:
