@@ -209,6 +209,11 @@ def default() -> Registry:
     """The process-wide registry, built on first use."""
     global _default
     if _default is None:
+        from qpeft.core.install_check import shadow_problem
+
+        problem = shadow_problem()
+        if problem:
+            raise PluginLoadError(problem)
         _default = Registry()
     return _default
 

@@ -45,3 +45,17 @@ def test_unknown_names_fail_as_attribute_errors():
 
     with pytest.raises(AttributeError, match="no attribute 'LoRA'"):
         qpeft.LoRA
+
+
+def test_a_folder_named_qpeft_in_the_working_directory_is_named_in_one_line(tmp_path):
+    """``python -m qpeft`` run beside a checkout (or any folder) named qpeft: Python imports
+    that folder as a namespace package; qpeft says so instead of failing every plugin."""
+    (tmp_path / "qpeft").mkdir()
+    run = subprocess.run([sys.executable, "-m", "qpeft", "list"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"Error: the folder {tmp_path / 'qpeft'} hides the installed qpeft package (a "
+                                  "folder named qpeft in the current directory or on PYTHONPATH); run from "
+                                  "another directory, or rename that folder")
+    code = "from qpeft.core import registry\ntry:\n registry.default()\nexcept Exception as e: print(type(e).__name__, e)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert out.startswith(f"PluginLoadError the folder {tmp_path / 'qpeft'} hides the installed qpeft package")

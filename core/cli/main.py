@@ -80,4 +80,10 @@ cli.add_command(compare_command)
 
 def main() -> None:
     """Entry point of the ``qpeft`` script and ``python -m qpeft``."""
+    from qpeft.core.install_check import shadow_problem
+
+    problem = shadow_problem()
+    if problem:
+        click.echo(f"Error: {problem}", err=True)
+        sys.exit(2)
     cli.main()
