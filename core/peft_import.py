@@ -14,15 +14,16 @@ sets must be read by a claiming plugin, be harmless at its value (``bias: none``
 ``init_lora_weights: true``…) or describe the file (``peft_version``…); anything else is
 refused in one line naming the field and what to do. A directory that ``qpeft`` itself wrote
 (with ``qpeft_adapter.json``) is read from that manifest instead, exactly.
-This module starts with ``_``: it is a helper, not a plugin.
+The files themselves are checked in :mod:`qpeft.core.peft_files`.
 """
 import dataclasses
 import json
 import re
 from pathlib import Path
 
+from qpeft.core import peft_files
 from qpeft.core.errors import QpeftError
-from qpeft.core.peft_format import CONFIG, MANIFEST, PREFIX, WEIGHTS
+from qpeft.core.peft_format import CONFIG, MANIFEST, WEIGHTS
 
 # Fields that describe the file, or matter only together with a field checked on its own.
 DESCRIBE = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
@@ -51,8 +52,6 @@ ADVICE = {  # field → what to do, for the fields users meet most
     "use_dora": "no installed adapter method reads DoRA adapters",
     "use_rslora": "no installed scaling modifier reads it",
 }
-TENSORS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",  # PEFT name → key in our layers
-           "lora_magnitude_vector": "lora_magnitude_vector", "ia3_l": "ia3_l"}
 SPEC_CHARS = set(":+=,")  # cannot appear inside a spec value
 
 
@@ -141,49 +140,11 @@ def read(directory, registry=None, given: str = "") -> Imported:
 
     registry = registry or registries.default()
     directory = Path(directory)
-    _check_directory(directory)
+    peft_files.check_directory(directory)
     imported = (_read_qpeft if (directory / MANIFEST).is_file() else _read_peft)(directory, registry)
     if given:
         _check_given(given, imported, registry)
     return imported
-
-
-# -- the directory ---------------------------------------------------------------------
-def _check_directory(directory: Path) -> None:
-    if not directory.is_dir():
-        raise QpeftError(f"no adapter directory at {directory}; pass a directory holding {CONFIG} and {WEIGHTS}")
-    if not (directory / CONFIG).is_file():
-        hint = (f"; for a qpeft run directory pass {directory / 'adapter'}"
-                if (directory / "adapter" / CONFIG).is_file() else
-                f"; pass a PEFT adapter directory ({CONFIG} + {WEIGHTS})")
-        raise QpeftError(f"{directory} has no {CONFIG}{hint}")
-    if not (directory / WEIGHTS).is_file():
-        if (directory / "adapter_model.bin").is_file():
-            raise QpeftError(f"{directory} holds adapter_model.bin (pickle), which qpeft does not load because "
-                             f"unpickling runs code; save it again with PEFT as {WEIGHTS} "
-                             f"(save_pretrained(..., safe_serialization=True))")
-        raise QpeftError(f"{directory} has no {WEIGHTS}; pass a complete adapter directory")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise QpeftError(f"{path} is not readable JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise QpeftError(f"{path} must hold a mapping of adapter settings; it holds a {type(data).__name__}")
-    return data
-
-
-def _header(path: Path) -> dict[str, tuple]:
-    """Tensor names and shapes from a safetensors header (no tensor is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise QpeftError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 
 
 # -- qpeft's own adapters ----------------------------------------------------------------
@@ -208,16 +169,16 @@ def _read_peft(directory: Path, registry) -> Imported:
     from qpeft.core.spec import format_spec
 
     where = directory / CONFIG
-    config = _read_json(where)
-    shapes = _header(directory / WEIGHTS)
-    names, problems = _tensor_names(directory / WEIGHTS, shapes)
+    config = peft_files.read_json(where)
+    shapes = peft_files.header(directory / WEIGHTS)
+    names, problems = peft_files.tensor_names(directory / WEIGHTS, shapes)
     paths = sorted({path for path, _ in names.values()})
     resolved = _resolve_targets(config, paths, where)
     method, modifiers, read_fields = _claims(resolved, registry, where)
     _refuse_unread(config, read_fields, where)      # a field first: it says why a tensor is odd
     if problems:
         raise QpeftError(problems[0])
-    _check_ranks(config, names, shapes, where)
+    peft_files.check_ranks(config, names, shapes, where)
     parts = [(cls.name, values) for cls, values in [method, *modifiers]]
     spec = format_spec([(name, {k: _text(v, where) for k, v in values.items()}) for name, values in parts])
     try:
@@ -226,48 +187,6 @@ def _read_peft(directory: Path, registry) -> Imported:
         raise QpeftError(f"{where}: {exc}") from None
     return Imported(directory, spec, composition, config.get("base_model_name_or_path"), False,
                     names, config)
-
-
-def _tensor_names(path: Path, shapes: dict) -> tuple[dict, list[str]]:
-    """``({file key: (module path, our key)}, [problems])``: PEFT's ``….lora_A.weight``, and
-    the ``….lora_A.default.weight`` form some tools save with the adapter's name."""
-    out, adapters, problems = {}, set(), []
-    for key in shapes:
-        parts = key[len(PREFIX):].split(".") if key.startswith(PREFIX) else []
-        at = next((i for i, p in enumerate(parts) if p in TENSORS or p.startswith("lora_embedding_")), None)
-        module, name, rest = ".".join(parts[:at or 0]), parts[at] if at is not None else "", parts[(at or 0) + 1:]
-        rest = rest[:-1] if rest[-1:] == ["weight"] else rest
-        if not key.startswith(PREFIX):
-            problems.append(f"{path} holds '{key}', not under PEFT's '{PREFIX}'; is it a PEFT adapter?")
-        elif at is None:
-            problems.append(f"{path} holds '{key}', which is no LoRA/DoRA/IA3 tensor (a whole module from "
-                            f"modules_to_save, or a bias?); qpeft loads adapter tensors only")
-        elif name.startswith("lora_embedding_"):   # the root cause of any stray embedding tensor: first
-            problems.insert(0, f"{path} holds a LoRA on the embedding {module}; qpeft adapts linear layers "
-                            f"only: retrain without it in target_modules")
-        elif len(rest) > 1 or name in ("lora_A", "lora_B") and not key.endswith(".weight"):
-            problems.append(f"{path} holds '{key}', a tensor name qpeft does not know (a LoRA bias?)")
-        elif (module, TENSORS[name]) in out.values():
-            problems.append(f"{path} holds {TENSORS[name]} for {module} twice (e.g. '{key}')")
-        else:
-            adapters.update(rest)
-            out[key] = (module, TENSORS[name])
-    if len(adapters) > 1:
-        problems.append(f"{path} holds several adapters ({', '.join(sorted(adapters))}); save one of them")
-    if not shapes:
-        problems.append(f"{path} holds no tensors")
-    return out, problems
-
-
-def _check_ranks(config: dict, names: dict, shapes: dict, where: Path) -> None:
-    """lora_A's rows are the rank: each must be the config's r (else: rank_pattern, or a mix-up)."""
-    r = config.get("r")
-    if config.get("peft_type") != "LORA" or not isinstance(r, int) or config.get("rank_pattern"):
-        return
-    for key, (module, ours) in names.items():
-        if ours == "lora_A.weight" and shapes[key][0] != r:
-            raise QpeftError(f"{module}: lora_A.weight has rank {shapes[key][0]}, but {where} says r={r}; "
-                             f"the config does not belong to these tensors")
 
 
 def _resolve_targets(config: dict, paths: list[str], where: Path) -> dict:
