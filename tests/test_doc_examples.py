@@ -1,0 +1,38 @@
+"""The plugin examples of docs/writing-plugins.md run as written: the fixedscale modifier, the
+nexttoken evaluator and the rtn quantizer (from docs/quantizers.md), each with its documented tests, in a fresh pytest process that sees
+only the public surface (the modules are not installed; ``testing.registry_with`` loads them)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def blocks(doc: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (DOCS / doc).read_text(), re.S)
+
+
+def block(starts: str, after: str | None = None, doc: str = "writing-plugins.md") -> str:
+    """The first python block of ``doc`` that starts with ``starts`` (after the one starting with ``after``)."""
+    found = blocks(doc)
+    first = next(i for i, b in enumerate(found) if b.startswith(after)) + 1 if after else 0
+    return next(b for b in found[first:] if b.startswith(starts))
+
+
+def test_the_documented_plugins_and_their_tests_pass(tmp_path):
+    files = {
+        "qpeft_fixedscale.py": block('"""qpeft-plugin-fixedscale'),
+        "test_fixedscale.py": block("# tests/test_fixedscale.py") + "\n\n"
+        + block("def test_the_conformance_kit_passes", after="# tests/test_fixedscale.py"),
+        "qpeft_nexttoken.py": block("# qpeft_nexttoken.py"),
+        "test_nexttoken.py": block("from types import SimpleNamespace"),
+        "qpeft_rtn.py": block("# qpeft_rtn.py", doc="quantizers.md"),
+        "test_rtn.py": block("import qpeft_rtn"),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert re.search(r"\b6 passed\b", run.stdout), run.stdout[-500:]
