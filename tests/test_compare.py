@@ -7,7 +7,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from qpeft.core import compare
+from qpeft.core import compare, compare_grid
 from qpeft.core.cli.main import cli
 from qpeft.core.errors import QpeftError
 
@@ -72,14 +72,14 @@ def test_export_quant_adds_the_merge_cost_of_each_finished_cell(grid_dir, tiny_d
 
 
 def test_a_failing_cell_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
-    cells = compare.grid(["none", "hqq"], ["lora", "dora"])
+    cells = compare_grid.grid(["none", "hqq"], ["lora", "dora"])
     started = []
 
     def fake_run_cell(cell, output_dir, flags, log_dir, mode="new"):
         started.append(cell.name)
         return "Error: boom" if cell.name == "none-lora" else None
-    monkeypatch.setattr(compare, "run_cell", fake_run_cell)
-    errors = compare.run_grid(cells, tmp_path, [], say=lambda _: None)
+    monkeypatch.setattr(compare_grid, "run_cell", fake_run_cell)
+    errors = compare_grid.run_grid(cells, tmp_path, [], say=lambda _: None)
     assert started == [c.name for c in cells]
     assert errors == {"none-lora": "Error: boom", "none-dora": None, "hqq-lora": None, "hqq-dora": None}
 
@@ -107,7 +107,7 @@ def test_a_rerun_with_other_settings_stops_before_any_cell_runs(grid_dir, tiny_d
     reports = {p: p.stat().st_mtime_ns for p in grid_dir.glob("*/report.json")}
     result = CliRunner().invoke(cli, grid_args(grid_dir, tiny_dir, "--steps", "3"))
     assert result.exit_code == 2
-    first = grid_dir / compare.grid(QUANTS, ADAPTERS)[0].name
+    first = grid_dir / compare_grid.grid(QUANTS, ADAPTERS)[0].name
     assert result.stderr.strip() == (f"Error: {first} was run with --steps 2 (this grid: 3) (and 3 more cells); "
                                       "nothing was run: pass --overwrite to run those cells again, or another "
                                       "--output-dir to keep both")
@@ -118,18 +118,18 @@ def test_a_cell_stopped_before_its_report_resumes_and_other_settings_need_overwr
                                                                                     monkeypatch):
     import shutil
 
-    cell = compare.grid(QUANTS[:1], ADAPTERS[:1])[0]
+    cell = compare_grid.grid(QUANTS[:1], ADAPTERS[:1])[0]
     out = tmp_path / "grid"
     shutil.copytree(grid_dir / cell.name, out / cell.name)
     (out / cell.name / "report.json").unlink()                 # stopped after training, before its report
     flags = FLAGS + ["--model", tiny_dir]
-    assert compare.cell_modes([cell], out, flags) == {cell.name: "resume"}
-    assert compare.cell_modes([cell], out, flags + ["--lr", "0.1"], overwrite=True) == {cell.name: "overwrite"}
+    assert compare_grid.cell_modes([cell], out, flags) == {cell.name: "resume"}
+    assert compare_grid.cell_modes([cell], out, flags + ["--lr", "0.1"], overwrite=True) == {cell.name: "overwrite"}
     with pytest.raises(QpeftError, match=r"was run with --lr 0.0003 \(this grid: 0.1\); nothing was run"):
-        compare.cell_modes([cell], out, flags + ["--lr", "0.1"])
+        compare_grid.cell_modes([cell], out, flags + ["--lr", "0.1"])
     (out / cell.name / "config.json").write_text("{")
     with pytest.raises(QpeftError, match="its run record cannot be used .*is not valid JSON"):
-        compare.cell_modes([cell], out, flags)
+        compare_grid.cell_modes([cell], out, flags)
     shutil.copy(grid_dir / cell.name / "config.json", out / cell.name / "config.json")
 
     rows = compare.compare(QUANTS[:1], ADAPTERS[:1], out, flags, model=tiny_dir, say=lambda _: None)
@@ -206,7 +206,7 @@ def _no_cell(*args, **kwargs):
      ["--edge-quality 'mmlu': 'mmlu' is not among --evaluators (perplexity); add it"]),
 ])
 def test_bad_specs_and_flags_stop_the_grid_before_any_cell_runs(monkeypatch, tmp_path, args, expected):
-    monkeypatch.setattr(compare, "run_cell", _no_cell)
+    monkeypatch.setattr(compare_grid, "run_cell", _no_cell)
     out = tmp_path / "grid"
     result = CliRunner().invoke(cli, ["compare", "--output-dir", str(out), *args])
     assert result.exit_code == 2, result.output
@@ -222,7 +222,7 @@ def test_compare_runs_exactly_the_cells_written_from_flags_or_a_config_file(monk
     def fake_run_cell(cell, output_dir, flags, log_dir, mode="new"):
         started.append((cell.quant, cell.adapter))
         return "not run in this test"
-    monkeypatch.setattr(compare, "run_cell", fake_run_cell)
+    monkeypatch.setattr(compare_grid, "run_cell", fake_run_cell)
     result = CliRunner().invoke(cli, ["compare", "--output-dir", str(tmp_path / "a"), "--quant", "none",
                                       "--quant", "hqq:nbits=4", "--adapter", "lora:r=4:targets=q_proj,v_proj;dora"])
     assert result.exit_code == 0, result.output
@@ -286,11 +286,11 @@ def test_a_third_party_evaluator_gets_columns_and_can_be_the_edge_quality(third_
         (output_dir / cell.name).mkdir()
         (output_dir / cell.name / "report.json").write_text(json.dumps(reports[cell.name]))
         record = {"run": cell.name, "qpeft_version": "0",   # the record a run with these flags writes
-                  "config": compare.cell_settings(cell, output_dir, flags).to_dict(),
+                  "config": compare_grid.cell_settings(cell, output_dir, flags).to_dict(),
                   "quantizer": {"name": cell.quant, "options": {}},
                   "adapter": {"spec": cell.adapter, "parts": [{"name": cell.adapter, "options": {}}]}}
         (output_dir / cell.name / "config.json").write_text(json.dumps(record))
-    monkeypatch.setattr(compare, "run_cell", fake_run_cell)
+    monkeypatch.setattr(compare_grid, "run_cell", fake_run_cell)
     flags = ["--evaluators", "perplexity;distinct"]
     rows = compare.compare(["none"], ["lora", "ia3"], tmp_path, flags, quality="distinct:distinct_2",
                            weights="quality=1", say=lambda _: None)

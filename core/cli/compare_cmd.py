@@ -55,7 +55,7 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
     from_file = run_config.read_file(file) if file else {}
     grid = {key: _specs(key, given or from_file.get(key) or run_config.DEFAULT_GRID[key])
             for key, given in (("quant", quant), ("adapter", adapter))}
-    cfg = run_flags(args, grid["quant"][0], grid["adapter"][0])
+    cfg = first_cell_settings(args, grid["quant"][0], grid["adapter"][0], output_dir)
     models.check(model)                 # once, not in every cell
     flags = list(args)
     for flag, value in (("--model", model), ("--data", data)):
@@ -83,16 +83,16 @@ def _config_file(args: list) -> str | None:
     return run_command.make_context("qpeft run", list(args), resilient_parsing=True).params.get("config_file")
 
 
-def run_flags(args: list, quant: str, adapter: str):
-    """The settings every cell runs with, from the pass-through flags checked by ``qpeft
+def first_cell_settings(args: list, quant: str, adapter: str, output_dir: str):
+    """The settings the first cell runs with, from the pass-through flags checked by ``qpeft
     run``'s own parser and settings (types, ranges, --device) before any cell starts."""
-    from qpeft.core.cli.run_cmd import given, run_command
+    from pathlib import Path
 
-    parsed = given(run_command.make_context("qpeft run", list(args), resilient_parsing=False).params)
-    owned = [k for k in CELL_OWNED if k in parsed]
+    from qpeft.core.compare_grid import Cell, cell_settings, run_flags
+
+    owned = [k for k in CELL_OWNED if k in run_flags(args)]
     if owned:
         flag = owned[0].replace("_", "-")
         raise click.UsageError(f"compare sets {'RUN_DIR' if flag == 'run-dir' else '--' + flag} for "
                                "each cell; use --quant/--adapter lists and --output-dir of compare")
-    file = parsed.pop("config_file", None)
-    return run_config.build(file, {**parsed, "quant": quant, "adapter": adapter})
+    return cell_settings(Cell(quant, adapter), Path(output_dir), args)
