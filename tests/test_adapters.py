@@ -338,6 +338,6 @@ def test_loftq_beats_plain_quantization_over_nf4_and_hqq(tiny, quant):
     layers = adapter_layers(tiny)
     assert set(layers) == set(originals)
     for name, layer in layers.items():
-        assert getattr(layer.base, "source_weight", None) is None  # dropped after init
+        assert layer.base.source_weight is None  # dropped after init
         loftq = torch.linalg.norm(originals[name] - (layer.base.dequantize() + layer.delta_weight())).item()
         assert loftq < 0.9 * plain[name], name

@@ -62,8 +62,8 @@ def assert_same_model(old, new):
             assert a[name].requires_grad == b[name].requires_grad, name
             assert torch.equal(a[name], b[name]), name
     for (name, q_old), q_new in zip(quantized_layers(old).items(), quantized_layers(new).values()):
-        assert hasattr(q_old, "source_weight") == hasattr(q_new, "source_weight"), name
-        if hasattr(q_old, "source_weight"):
+        assert (q_old.source_weight is None) == (q_new.source_weight is None), name
+        if q_old.source_weight is not None:
             assert q_new.source_weight.dtype == torch.float32 and q_new.source_weight.device.type == "cpu"
             assert torch.equal(q_old.source_weight, q_new.source_weight), name
     tied = lambda m: getattr(m.get_output_embeddings(), "weight", None) is m.get_input_embeddings().weight  # noqa: E731

@@ -67,7 +67,7 @@ class LoftQ(Adapter):
 
 def source_weight(layer) -> torch.Tensor:
     """The full-precision W (``base.source_weight``) if kept, else the dequantized Ŵ (float32)."""
-    kept = getattr(layer.base, "source_weight", None)
+    kept = layer.base.source_weight
     weight = kept if kept is not None else layer.base.dequantize()
     return weight.detach().float().to(layer.lora_A.device)
 
