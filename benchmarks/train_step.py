@@ -220,20 +220,11 @@ def machine(device: str) -> str:
             f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
 
 
-def child_env(tool: str, thp: str) -> dict:
-    """The child's environment: ``qpeft run`` sets THP_MEM_ALLOC_ENABLE=1 before torch loads
-    (qpeft/__main__.py), so qpeft's child gets it; PEFT's only with ``--thp both``."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if thp == "both" or (thp == "qpeft" and tool == "qpeft"):
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    return env
-
-
 def run_child(row: str, tool: str, a, model: str) -> dict:
     args = [sys.executable, __file__, "--child", row, tool, "--model", model, "--device", a.device]
     for k in ("batch", "seq", "steps", "warmup", "r", "alpha", "lr", "seed", "dtype"):
         args += [f"--{k}", str(getattr(a, k))]
-    out = subprocess.run(args, capture_output=True, text=True, env=child_env(tool, a.thp))
+    out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode:
         lines = [x for x in out.stderr.strip().splitlines() if x.strip()]
         return {"error": (lines or ["exit status %d" % out.returncode])[-1][:160]}
@@ -317,9 +308,6 @@ def main() -> None:
     ap.add_argument("--model", help="model directory (default: the embedded SmolLM2-135M)")
     ap.add_argument("--big-model", help="directory of benchmarks/make_random_llama.py's model: adds big-nf4-lora")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--thp", choices=["qpeft", "both", "none"], default="qpeft",
-                    help="which tool's process gets THP_MEM_ALLOC_ENABLE=1: qpeft (as 'qpeft run' sets it; "
-                         "PEFT as users run it), both (the same process setting for PEFT too), none")
     ap.add_argument("--json", help="write the raw numbers here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -363,8 +351,7 @@ def main() -> None:
                       f"loss@1 {r['losses'][0]:.4f}, load {r['load_s']:.0f} s"), flush=True)
     print(f"\n{', '.join(sorted(set(dirs.values())))}: batch {a.batch} × {a.seq} tokens, r={a.r}, "
           f"α={a.alpha:g}, AdamW lr {a.lr:g}, {a.dtype}, {a.warmup} warm-up + {a.steps} timed "
-          f"steps per process, {a.repeats} repeat(s), device {a.device}, THP_MEM_ALLOC_ENABLE=1 for "
-          f"{ {'qpeft': 'qpeft only (as qpeft run sets it)', 'both': 'both tools', 'none': 'neither'}[a.thp] }")
+          f"steps per process, {a.repeats} repeat(s), device {a.device}")
     print("step FLOPs = 4 × linear weights × tokens: " + ", ".join(
         f"4 × {w / 1e6:.1f} M × {tokens}" for w in weights.values()) + "\n")
     print(table(results, a, flops, rate))

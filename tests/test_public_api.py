@@ -59,21 +59,3 @@ def test_a_folder_named_qpeft_in_the_working_directory_is_named_in_one_line(tmp_
     code = "from qpeft.core import registry\ntry:\n registry.default()\nexcept Exception as e: print(type(e).__name__, e)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
     assert out.startswith(f"PluginLoadError the folder {tmp_path / 'qpeft'} hides the installed qpeft package")
-
-
-@pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0")])
-def test_the_launcher_sets_torch_process_settings_before_torch_loads(given, expected):
-    """qpeft/__main__.py sets THP_MEM_ALLOC_ENABLE (read once, at torch's first allocation)
-    before anything imports torch; a value the user set is kept."""
-    import os
-
-    code = ("import os, sys, types\nimport qpeft.__main__ as launcher\n"
-            "cli = types.ModuleType('qpeft.core.cli.main')   # stands in for the CLI, which imports torch\n"
-            "cli.main = lambda: print(os.environ['THP_MEM_ALLOC_ENABLE'], 'torch' in sys.modules)\n"
-            "sys.modules['qpeft.core.cli.main'] = cli\nlauncher.main()")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if given is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = given
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-1500:]
-    assert out.stdout.split() == [expected, "False"]      # set, and torch not loaded yet
