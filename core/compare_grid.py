@@ -110,13 +110,14 @@ def cell_modes(cells: list, output_dir: Path, flags: list, overwrite: bool = Fal
         if not run_dir.exists():
             modes[cell.name] = "new"
             continue
+        wanted = _flat(cell_settings(cell, output_dir, flags))   # a bad flag is its own error, not the record's
         try:
             recorded = _flat(RunRecord.read(run_dir).settings(run_dir))
-            wanted = _flat(cell_settings(cell, output_dir, flags))
-            changed = [f"--{k.replace('_', '-')} {recorded.get(k)!r} (this grid: {v!r})"
-                       for k, v in wanted.items() if recorded.get(k) != v]
         except QpeftError as exc:
             changed = [f"its run record cannot be used ({exc})"]
+        else:
+            changed = [f"--{k.replace('_', '-')} {recorded.get(k)!r} (this grid: {v!r})"
+                       for k, v in wanted.items() if recorded.get(k) != v]
         if not changed:
             modes[cell.name] = "done" if (run_dir / "report.json").is_file() else "resume"
         elif overwrite:

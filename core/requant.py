@@ -42,7 +42,7 @@ def check_spec(spec: str):
 
 
 def validation(run_dir, quality: str | None = None):
-    """``(settings, plan, quality)`` of a finished run: the plan holds the one evaluator of
+    """``(settings, plan, quality, record)`` of a finished run: the plan holds the one evaluator of
     ``quality`` (``EVALUATOR[:METRIC]``, as ``qpeft compare --edge-quality`` takes it; None:
     the first of the run's evaluators with a primary metric), with the options the run gave
     it, over the run's own validation split (template, --max-length, --eval-limit as its
@@ -56,7 +56,7 @@ def validation(run_dir, quality: str | None = None):
     specs = split_list(cfg.evaluators)
     chosen = compare_metrics.resolve_quality(quality, specs, registry.default(), flag="--quality")
     cfg.evaluators = specs[compare_metrics.evaluator_names(specs).index(chosen.evaluator)]
-    return cfg, pipeline.plan(cfg, record), chosen
+    return cfg, pipeline.plan(cfg, record), chosen, record
 
 
 def quality_value(cfg, plan, quality, model, tokenizer, stage: str = "after") -> float:
@@ -92,10 +92,10 @@ def measure(run_dir, quantizer, spec: str, dtype: str = "float32", rank: int | N
     from qpeft.core.run_record import PluginRecord
 
     run_dir = Path(run_dir)
-    cfg, plan, chosen = checked or validation(run_dir, quality)   # settings, evaluator, data: before the load
+    cfg, plan, chosen, record = checked or validation(run_dir, quality)   # settings, evaluator, data: before the load
     label = f"{chosen.evaluator}:{chosen.metric}"
     say(f"qpeft: rebuilding {run_dir.name} to measure the merge and re-quantization ({spec}) by {label}")
-    built = rebuild.rebuild(run_dir, rank=rank, plan=plan)
+    built = rebuild.rebuild(run_dir, rank=rank, record=record, plan=plan)   # the record read once
 
     def measured(model, stage):
         value = quality_value(cfg, plan, chosen, model, built.tokenizer, stage)
@@ -110,7 +110,6 @@ def measure(run_dir, quantizer, spec: str, dtype: str = "float32", rank: int | N
     merged.float()                       # what `qpeft run --model DIR` loads (float32), then quantizes
     quantizer.quantize_model(merged, device="cpu")
     values["shipped"], sizes["shipped"] = measured(merged, "shipped"), model_bytes(merged)
-    record = built.record
     return {"run": record.run, "base_model": record.model or "embedded",
             "trained_with": {"quantizer": record.quantizer.name, "quantizer_options": record.quantizer.options,
                              "adapter": record.adapter_spec},
