@@ -1,9 +1,12 @@
 """``qpeft eval``: evaluate a finished run again — other evaluators, another rank, more data —
 or an adapter from another tool (a PEFT directory) over a base model and quantizer."""
+import re
+
 import click
 
 from qpeft.core.cli import params
 from qpeft.core.cli.run_cmd import SETTINGS
+from qpeft.core.errors import QpeftError
 
 # Flags that choose the base model, quantizer and data: an adapter directory only (a run
 # directory is evaluated on its own).
@@ -31,9 +34,11 @@ def _base_options(command):
 @click.option("--limit", type=params.COUNT, help="at most N examples per split, 0 for all [default: the run's --eval-limit; 0 for an adapter]")
 @click.option("--device", default="auto", show_default=True, callback=params.device, help="cpu, cuda, cuda:1 or auto")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="write the results as JSON here [default: DIR/eval-<time>.json for a run, none for an adapter]")
+              help="write the results as JSON here (inside a run or adapter directory only as "
+                   "eval-NAME.json) [default: DIR/eval-<time>.json for a run, none for an adapter]")
+@click.option("--overwrite", is_flag=True, help="replace the --out file if it exists")
 @_base_options
-def eval_command(directory, evaluators, rank, limit, device, out, **base):
+def eval_command(directory, evaluators, rank, limit, device, out, overwrite, **base):
     """Evaluate DIR: a run directory, or an adapter directory from any tool.
 
     A run directory (written by 'qpeft run') is rebuilt — its quantized model and saved
@@ -57,7 +62,8 @@ def eval_command(directory, evaluators, rank, limit, device, out, **base):
     evaluators = evaluators or None     # the flag not given: ()
     given = {k: v for k, v in base.items() if v is not None}
     if (Path(directory) / "adapter_config.json").is_file() or (given and not (Path(directory) / "config.json").is_file()):
-        out_record, path = evaluate_adapter(directory, given, evaluators, rank, limit, device, out, say)
+        out_record, path = evaluate_adapter(directory, given, evaluators, rank, limit, device, out, say,
+                                            overwrite=overwrite)
         click.echo(table(out_record["results"], {}))
         click.echo(f"\nwritten: {path}" if path else "\n(pass --out FILE to keep the results as JSON)")
         return
@@ -65,21 +71,25 @@ def eval_command(directory, evaluators, rank, limit, device, out, **base):
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise click.UsageError(f"{flags}: only for an adapter directory; {directory} is a run directory, "
                                f"evaluated on its own model, quantizer and data")
-    out_record, path = evaluate_run(directory, evaluators, rank, limit, device, say=say, out=out)
+    out_record, path = evaluate_run(directory, evaluators, rank, limit, device, say=say, out=out,
+                                    overwrite=overwrite)
     click.echo(table(out_record["results"], out_record.get("report_after", {})))
     click.echo(f"\nwritten: {path}")
 
 
-def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto", say=print, out=None):
-    """Rebuild, evaluate, write the JSON (to ``out`` if given); returns ``(record, path)``."""
+def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto", say=print, out=None,
+                 overwrite=False):
+    """Rebuild, evaluate, write the JSON (to ``out`` if given: see :func:`check_out`);
+    returns ``(record, path)``."""
     import datetime
-    import json
     from pathlib import Path
 
     from qpeft.core import distributed, pipeline, rebuild
     from qpeft.core.run_record import PluginRecord, RunRecord
 
+    check_out(out, run_dir, overwrite)
     record = RunRecord.read(run_dir)
+    report = _read_json(Path(run_dir) / "report.json", f"finish the run again with: qpeft run --resume {run_dir}")
     cfg = record.settings(run_dir)
     if evaluators:
         from qpeft.core.spec import join_list
@@ -92,7 +102,6 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     device = distributed.device_for(device)
     say(f"qpeft: rebuilding {Path(run_dir).name} ({record.quantizer.name} × {record.adapter_spec}) on {device}")
     built = rebuild.rebuild(run_dir, device, rank, record, plan)
-    report = _read_json(Path(run_dir) / "report.json")
     ctx = pipeline.eval_context(built.cfg, built.model, built.tokenizer, device, plan.validation,
                                 plan.test)(stage="after", facts=dict(report.get("facts") or {}))
     results = pipeline.evaluate(plan.evaluators, ctx, say)
@@ -101,21 +110,21 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
                   "evaluators": [PluginRecord.of(e).to_dict() for e in plan.evaluators], "results": results,
                   "report_after": report.get("after", {})}
     path = Path(out) if out else Path(run_dir) / (f"eval-rank{rank}.json" if rank is not None else f"eval-{stamp}.json")
-    path.write_text(json.dumps(out_record, indent=2, default=str))
+    write_json(path, out_record)
     return out_record, path
 
 
 def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limit=None, device="auto",
-                     out=None, say=print):
+                     out=None, say=print, overwrite=False):
     """Evaluate an adapter directory over ``settings`` (``model``, ``quant``, ``data``… as
     ``qpeft run`` takes them); writes the JSON to ``out`` if given. Returns ``(record, path)``."""
     import datetime
-    import json
     from pathlib import Path
 
-    from qpeft.core import config, distributed, models, pipeline, rebuild
+    from qpeft.core import config, distributed, models, peft_files, pipeline, rebuild
     from qpeft.core.run_record import PluginRecord
 
+    check_out(out, directory, overwrite)
     flags = {**settings, "init_adapter": str(directory), "evaluators": evaluators, "eval_limit": limit}
     cfg = config.build(None, {k: v for k, v in flags.items() if v is not None})
     plan = pipeline.plan(cfg)           # reads the adapter directory, evaluators and data first
@@ -131,7 +140,7 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
               "evaluated_at": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
               "evaluators": [PluginRecord.of(e).to_dict() for e in plan.evaluators], "results": results}
     if out:
-        Path(out).write_text(json.dumps(record, indent=2, default=str))
+        write_json(Path(out), record)
     return record, (Path(out) if out else None)
 
 
@@ -139,10 +148,73 @@ def _short(spec: str, width: int = 100) -> str:
     return spec if len(spec) <= width else spec[:width - 3] + "..."
 
 
-def _read_json(path) -> dict:
+def _read_json(path, fix: str) -> dict:
+    """The JSON mapping in ``path`` ({} when there is none), or one line naming it and ``fix``."""
     import json
 
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, OSError) as exc:
+        raise QpeftError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); {fix}") from None
+    if not isinstance(data, dict):
+        raise QpeftError(f"{path} is damaged (it holds no JSON object); {fix}")
+    return data
+
+
+EVAL_FILE = re.compile(r"eval-[^/\\]*\.json")    # an evaluation's own file name in a run directory
+RUN_FILES = ("adapter", "checkpoints", "report.json", "eval_before.json", "metrics.jsonl")
+
+
+def check_out(out, directory, overwrite: bool) -> None:
+    """``--out`` may not write inside a run or adapter directory (``directory``, or any
+    directory above ``out`` that is one) except as its own ``eval-NAME.json``, nor replace
+    an existing file without ``overwrite``; checked before anything loads."""
+    from pathlib import Path
+
+    if out is None:
+        return
+    target = Path(out).resolve()
+    if target.is_dir():
+        raise QpeftError(f"--out {out} is a directory; pass a file name such as --out eval.json")
+    for above in target.parents:
+        if above.resolve() == Path(directory).resolve() or _is_run_or_adapter(above):
+            if above != target.parent or not EVAL_FILE.fullmatch(target.name):
+                raise QpeftError(f"--out {out} lies inside the run or adapter directory {above}, whose files "
+                                 f"qpeft reads; write elsewhere, or there as eval-NAME.json")
+            break
+    if target.exists() and not overwrite:
+        raise QpeftError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
+
+
+def _is_run_or_adapter(path) -> bool:
+    """Whether ``path`` holds a qpeft run (config.json beside what a run writes) or an adapter."""
+    if (path / "adapter_config.json").is_file() or (path / "qpeft_adapter.json").is_file():
+        return True
+    return (path / "config.json").is_file() and any((path / name).exists() for name in RUN_FILES)
+
+
+def write_json(path, data: dict) -> None:
+    """``data`` as JSON at ``path``, atomically (a temporary file beside it, fsynced, renamed
+    over it): a failed write leaves the old file, or none; a full disk is one line."""
+    import contextlib
+    import json
+    import os
+
+    from qpeft.core.rundir import disk_error
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise disk_error(exc, str(path)) from None
 
 
 def table(results: dict, reported: dict) -> str:
