@@ -14,8 +14,12 @@ so ``PeftModel.from_pretrained(base_model, directory)`` reproduces the adapted m
 the unquantized base, and :func:`load_adapter` reproduces it exactly on a quantized one.
 This module starts with ``_``: it is a helper, not a plugin.
 """
+import contextlib
 import dataclasses
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 from qpeft.core.errors import QpeftError
@@ -46,25 +50,82 @@ def target_modules(model, chosen: set[str] | None = None) -> list[str]:
     return sorted(leaves) if caught == chosen else sorted(chosen)
 
 
-def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
-    """Write the three files of a saved adapter into ``directory`` (created if needed)."""
-    from safetensors.torch import save_file
+class AdapterWriteError(QpeftError):
+    """The adapter directory could not be written (a full disk, an unwritable directory);
+    whatever was at ``directory`` before is untouched."""
 
+    def __init__(self, directory: Path, nbytes: int, reason: str):
+        self.directory, self.nbytes, self.reason = directory, nbytes, reason
+        super().__init__(f"cannot write the adapter {directory} ({nbytes / 2**20:.2f} MB): {reason}; "
+                         f"free some space there, or choose a writable directory")
+
+
+def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
+    """Write the three files of a saved adapter into ``directory``, atomically: they are
+    written and fsynced in ``.NAME.new-PID`` beside it, which then replaces ``directory``
+    (an old one is set aside first and removed last). On any write error the old directory
+    is left as it was and :class:`AdapterWriteError` is raised."""
     from qpeft.core.adapter_layers import adapter_layers
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     layers = adapter_layers(model)
     if not layers:
         raise QpeftError("the model has no adapter attached; nothing to save")
     tensors = {f"{PREFIX}{name}.{key}": t.detach().cpu().contiguous()
                for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
-    full = {**COMMON, "base_model_name_or_path": meta.get("base_model"), **config}
-    _write(directory / CONFIG, full)
-    _write(directory / MANIFEST, manifest(parts, meta, rewritten=any(
-        getattr(layer, "base_rewritten", False) for layer in layers.values())))
+    files = {CONFIG: {**COMMON, "base_model_name_or_path": meta.get("base_model"), **config},
+             MANIFEST: manifest(parts, meta, rewritten=any(
+                 getattr(layer, "base_rewritten", False) for layer in layers.values()))}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    staged = directory.with_name(f".{directory.name}.new-{os.getpid()}")
+    aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    try:
+        _write_all(staged, tensors, files)
+        if directory.exists():
+            os.replace(directory, aside)
+        os.replace(staged, directory)
+        _fsync(directory.parent)
+    except Exception as exc:   # OSError, or safetensors' SafetensorError wrapping one
+        if aside.exists() and not directory.exists():
+            with contextlib.suppress(OSError):
+                os.replace(aside, directory)
+        shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(exc, OSError) or "os error" in str(exc):
+            raise AdapterWriteError(directory, nbytes, _reason(exc)) from None
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
     return directory
+
+
+def _write_all(staged: Path, tensors: dict, files: dict) -> None:
+    from safetensors.torch import save_file
+
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    staged.mkdir()
+    save_file(tensors, str(staged / WEIGHTS), metadata={"format": "pt"})
+    for name, data in files.items():
+        _write(staged / name, data)
+    for name in (WEIGHTS, *files):
+        with open(staged / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync(staged)
+
+
+def _fsync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: Exception) -> str:
+    """The OS's words for a write error (safetensors wraps them as "... (os error 28)")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    found = re.search(r"os error (\d+)", str(exc))
+    return os.strerror(int(found.group(1))) if found else str(exc).splitlines()[0]
 
 
 def manifest(parts: list, meta: dict, rewritten: bool = False) -> dict:

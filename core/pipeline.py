@@ -193,7 +193,7 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
                  tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
     if world.is_main:
-        facts["adapter_disk_mb"] = save_adapter(p, model, run_dir, record)
+        facts["adapter_disk_mb"] = save_adapter(p, model, run_dir, record, trainer)
     after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
     after.update(evaluate_variants(p, model, ctx, facts, say))
     out = report.build(record, before, after, facts, result, stats, p.evaluators)
@@ -253,7 +253,30 @@ def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, run_dir: Path, device
     return trainer, stats
 
 
-def save_adapter(p: Plan, model, run_dir: Path, record: RunRecord) -> float:
-    """Stage 5: ``run_dir/adapter`` in PEFT's format; returns its size in MiB."""
-    p.adapter.method.save(model, run_dir / "adapter", record.adapter_meta())
+def save_adapter(p: Plan, model, run_dir: Path, record: RunRecord, trainer=None) -> float:
+    """Stage 5: ``run_dir/adapter`` in PEFT's format (atomically); returns its size in MiB.
+    When it cannot be written, the trained state is checkpointed (unless it already is) and
+    the one line says what to free and how to finish the run."""
+    from qpeft.core.peft_format import AdapterWriteError
+
+    try:
+        p.adapter.method.save(model, run_dir / "adapter", record.adapter_meta())
+    except AdapterWriteError as exc:
+        raise _unsaved(exc, trainer, run_dir) from None
     return round(sum(f.stat().st_size for f in (run_dir / "adapter").iterdir()) / 2**20, 3)
+
+
+def _unsaved(exc, trainer, run_dir: Path) -> QpeftError:
+    kept = run_dir / "checkpoints" / f"step-{trainer.step:06d}" if trainer is not None else None
+    if kept is not None and not (kept / "COMPLETE").is_file():
+        try:
+            trainer.save_checkpoint()
+        except QpeftError:
+            kept = None
+    free = f"free at least {exc.nbytes / 2**20:.2f} MB on the disk of {run_dir}"
+    if kept is not None:
+        return QpeftError(f"cannot write the adapter {exc.directory}: {exc.reason}; the trained state is kept "
+                          f"in {kept}: {free}, then finish the run with: qpeft run --resume {run_dir}")
+    return QpeftError(f"cannot write the adapter {exc.directory} nor a checkpoint: {exc.reason}; this training "
+                      f"is lost: {free}, then train again with: "
+                      f"qpeft run --resume {run_dir}")

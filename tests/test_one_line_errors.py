@@ -101,3 +101,74 @@ def test_eval_out_needs_overwrite_for_an_existing_file_and_writes_atomically(fin
 
 def _no_load(*a, **k):
     raise AssertionError("the model was loaded before the check")
+
+
+# -- item 3: a full disk while the final adapter is saved ----------------------------------
+def _full_disk_for(monkeypatch, *modules):
+    """safetensors' save_file fails as on a full disk (its own wrapped error) in ``modules``."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    for module in modules:
+        monkeypatch.setattr(module, "save_file", full)
+
+
+def test_a_full_disk_at_the_final_save_checkpoints_and_says_how_to_finish(finished, tiny_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors.torch import load_file
+
+    _full_disk_for(monkeypatch, safetensors.torch)   # the adapter's file; checkpoints still fit
+    run = tmp_path / "x"
+    result = invoke(*tiny_run(tiny_dir, tmp_path, "x", "--save-every", "0"))
+    line = one_line_error(result, after_progress=True)
+    kept = run / "checkpoints" / "step-000003"
+    assert line.startswith(f"Error: cannot write the adapter {run / 'adapter'}: No space left on device; "
+                           f"the trained state is kept in {kept}: free at least 0.")
+    assert line.endswith(f"MB on the disk of {run}, then finish the run with: qpeft run --resume {run}")
+    assert (kept / "COMPLETE").is_file() and not (run / "adapter").exists()
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []   # no half-written adapter
+    monkeypatch.undo()   # space freed
+    result = invoke("run", "--resume", run)
+    assert result.exit_code == 0, result.output
+    trained = load_file(finished[1] / "adapter" / "adapter_model.safetensors")   # the same run, not interrupted
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert trained.keys() == resumed.keys() and all((trained[k] == resumed[k]).all() for k in trained)
+
+
+def test_a_full_disk_for_adapter_and_checkpoint_says_what_is_lost(tiny_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from qpeft.core import checkpoint
+
+    _full_disk_for(monkeypatch, safetensors.torch, checkpoint)
+    run = tmp_path / "x"
+    line = one_line_error(invoke(*tiny_run(tiny_dir, tmp_path, "x", "--save-every", "0")), after_progress=True)
+    assert line.startswith(f"Error: cannot write the adapter {run / 'adapter'} nor a checkpoint: No space left "
+                           "on device; this training is lost: free at least 0.")
+    assert line.endswith(f"then train again with: qpeft run --resume {run}")
+
+
+def test_a_failed_save_over_an_existing_adapter_keeps_it(finished, tiny, monkeypatch, tmp_path):
+    import shutil
+
+    import safetensors.torch
+
+    from qpeft.core import peft_format, pipeline
+    from qpeft.core.adapter import compose
+    from qpeft.core.registry import default
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished[1] / "adapter", adapter)
+    before = snapshot(adapter)
+    pipeline.build_plugin("quantizer", "none:compute_dtype=float32", default()).quantize_model(tiny, progress=False)
+    composition = compose("lora:r=4", default())
+    composition.attach(tiny)
+    _full_disk_for(monkeypatch, safetensors.torch)
+    with pytest.raises(peft_format.AdapterWriteError, match="No space left on device"):
+        composition.method.save(tiny, adapter, {})
+    assert snapshot(adapter) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    monkeypatch.undo()
+    composition.method.save(tiny, adapter, {})
+    assert snapshot(adapter) != before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
