@@ -9,7 +9,10 @@ read-only directory) removes its temporary directory and raises :class:`Checkpoi
 
 Reading (:func:`load_newest`) tries the complete checkpoints newest first, checks every
 file against the manifest and that the state parses, and falls back past a damaged one
-with a one-line notice. Nested states (optimizer, RNG) are flattened: tensors go to
+with a one-line notice; it reports the damaged ones, which the trainer moves aside
+(:func:`set_aside`, ``ROOT/damaged-step-N``) once it has written a good checkpoint after
+them. A checkpoint without a manifest is damaged unless the caller says the run was started
+by a qpeft that wrote none (``unverified=True``). Nested states (optimizer, RNG) are flattened: tensors go to
 ``state.safetensors`` under dotted keys, everything else to ``state.json`` with
 placeholders pointing at the keys.
 """
@@ -29,6 +32,7 @@ from qpeft.core.errors import QpeftError
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
+DAMAGED = "damaged-"          # prefix of a damaged checkpoint set aside (never loaded again)
 FILES = ("state.safetensors", "state.json")
 _TENSOR = "__tensor__"
 
@@ -119,10 +123,11 @@ def clean_temporaries(root: Path) -> None:
 
 
 # -- writing ----------------------------------------------------------------------------------
-def save(directory: Path, state: dict) -> Path:
+def save(directory: Path, state: dict, keep_old: Path | None = None) -> Path:
     """Write ``state`` (nested dicts of tensors and JSON values) atomically to ``directory``.
 
-    Raises :class:`CheckpointError` (one line) when the disk refuses; then no temporary
+    An existing ``directory`` is replaced once the new one is whole; with ``keep_old`` it is
+    renamed there instead of deleted (a damaged checkpoint kept aside). Raises :class:`CheckpointError` (one line) when the disk refuses; then no temporary
     directory is left and every earlier checkpoint, ``directory`` included, is unchanged.
     """
     directory = Path(directory)
@@ -134,7 +139,7 @@ def save(directory: Path, state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_contents(tmp, state)
-        _put_in_place(tmp, directory)
+        _put_in_place(tmp, directory, keep_old)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_write_failure(name, root, e)) from e
@@ -156,11 +161,13 @@ def _write_contents(tmp: Path, state: dict) -> None:
     _fsync(tmp)
 
 
-def _put_in_place(tmp: Path, directory: Path) -> None:
-    """Rename ``tmp`` to ``directory``; an existing one is set aside until the new one is in."""
-    old = directory.with_name(f".old-{directory.name}")
+def _put_in_place(tmp: Path, directory: Path, keep_old: Path | None = None) -> None:
+    """Rename ``tmp`` to ``directory``; an existing one is set aside until the new one is in
+    (and then deleted, or left at ``keep_old``)."""
+    old = keep_old or directory.with_name(f".old-{directory.name}")
     if directory.exists():  # e.g. a damaged step written again after a fallback
-        shutil.rmtree(old, ignore_errors=True)
+        if keep_old is None:
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
         try:
             os.replace(tmp, directory)
@@ -170,7 +177,27 @@ def _put_in_place(tmp: Path, directory: Path) -> None:
     else:
         os.replace(tmp, directory)
     _fsync(directory.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if keep_old is None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def aside_name(directory: Path) -> Path:
+    """Where :func:`set_aside` puts ``ROOT/step-N``: ``ROOT/damaged-step-N`` (``-2``, ``-3`` ...
+    when that is taken). Not ``step-*``, so it is never loaded again."""
+    directory = Path(directory)
+    target, n = directory.with_name(DAMAGED + directory.name), 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = directory.with_name(f"{DAMAGED}{directory.name}-{n}")
+    return target
+
+
+def set_aside(directory: Path) -> Path:
+    """Rename a damaged checkpoint to :func:`aside_name` (kept for a look, never loaded)."""
+    target = aside_name(directory)
+    os.replace(directory, target)
+    _fsync(target.parent)
+    return target
 
 
 def _reason(err: Exception) -> tuple[int | None, str]:
@@ -259,22 +286,29 @@ def load(directory: Path, check: bool = True) -> dict:
         raise DamagedCheckpoint(f"state.json: does not match state.safetensors ({_one_line(e)})") from e
 
 
-def load_newest(root: Path, say=print) -> tuple[Path, dict] | None:
+def load_newest(root: Path, say=print, unverified: bool = False,
+                damaged: list | None = None) -> tuple[Path, dict] | None:
     """The newest checkpoint under ``root`` that verifies and parses, and its state.
 
-    A damaged one is reported through ``say`` in one line and the previous one is tried;
-    one without a manifest (older qpeft) is loaded unverified, with a notice. None when no
-    checkpoint is usable.
+    A damaged one is reported through ``say`` in one line (and appended to ``damaged``) and
+    the previous one is tried. One without a manifest is loaded unverified, with a notice,
+    only when ``unverified`` (the run was started by a qpeft that wrote no manifests);
+    otherwise it counts as damaged. None when no checkpoint is usable.
     """
     candidates = complete(root)
     for i, directory in enumerate(candidates):
         try:
             verified = verify(directory)
+            if not verified and not unverified:
+                raise DamagedCheckpoint(f"{MANIFEST}: missing, and this run was started by a qpeft "
+                                        "that writes one")
             state = load(directory, check=False)
         except DamagedCheckpoint as e:
             after = (f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates)
                      else "no earlier checkpoint to fall back to")
             say(f"qpeft: checkpoint {directory.name} is damaged ({e}); {after}")
+            if damaged is not None:
+                damaged.append(directory)
             continue
         if not verified:
             say(f"qpeft: checkpoint {directory.name} has no {MANIFEST} (written by an older qpeft); "

@@ -182,13 +182,16 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     """The stages of a run, in order (each a function below)."""
     device = distributed.device_for(cfg.device)
     record = RunRecord.started(cfg, p, cfg.run_name)
+    if mode == "resume":    # what the checkpoints cannot serve is refused before anything is written
+        record = run_record.resumed(cfg.run_dir, record)
     model, tokenizer, facts = load(cfg, p, device, world, say)
     run_dir = open_run_dir(cfg, mode, record) if world.is_main else cfg.run_dir
     world.barrier()
     ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test)
     before = evaluate_before(p, ctx, facts, run_dir, mode == "resume", world, say)
     attach(cfg, p, model)
-    trainer, stats = trainer_for(cfg, p, model, tokenizer, run_dir, device, say)
+    trainer, stats = trainer_for(cfg, p, model, tokenizer, run_dir, device, say,
+                                 run_record.predates_manifests(record.qpeft_version))
     result = trainer.train(resume=mode == "resume")
     facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
                  tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
@@ -235,9 +238,11 @@ def attach(cfg: RunConfig, p: Plan, model) -> None:
         p.init.load(model)
 
 
-def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, run_dir: Path, device, say):
+def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, run_dir: Path, device, say,
+                unverified_checkpoints: bool = False):
     """Stage 4: the trainer over the encoded (and, with --packing, packed) training set,
-    with the validation loss as its periodic evaluation; ``(trainer, encode stats)``."""
+    with the validation loss as its periodic evaluation; ``(trainer, encode stats)``.
+    ``unverified_checkpoints``: the run was started by a qpeft that wrote no manifests."""
     items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
     if cfg.packing:
         items = pack(items, cfg.max_length, cfg.train.seed)
@@ -249,7 +254,8 @@ def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, run_dir: Path, device
         return {"eval_loss": loss}
 
     trainer = Trainer(model, batches, cfg.train, run_dir, device, evaluate=validation_loss,
-                      hooks=[p.quantizer, *p.adapter.parts, *p.evaluators], say=say)
+                      hooks=[p.quantizer, *p.adapter.parts, *p.evaluators], say=say,
+                      unverified_checkpoints=unverified_checkpoints)
     return trainer, stats
 
 

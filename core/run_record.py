@@ -6,6 +6,8 @@
         ─▶ .build_quantizer(registry)   the recorded quantizer with its recorded options
         ─▶ .composition(registry)       the recorded adapter parts with their options
         ─▶ .adapter_meta()              what an adapter directory records (export, save)
+    qpeft run --resume ─▶ resumed(run_dir, new)  refuses what the checkpoints cannot serve
+                                                 (RESUME_FIXED), before anything is written
 
 This module is the one place that knows the file's keys. The plugins are rebuilt from
 their recorded option values, not from the spec typed, so a default that changed between
@@ -14,6 +16,7 @@ first release: runs written by earlier versions read.
 """
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from qpeft.core import config as run_config
@@ -21,6 +24,13 @@ from qpeft.core import spec as specs
 from qpeft.core.errors import QpeftError
 
 FILE = "config.json"
+MANIFESTS_SINCE = (0, 1, 0)     # the first qpeft version whose checkpoints carry manifest.json
+# What a run's checkpoints hold state for: a resume that changes one of these is refused
+# (flag → what it is). Everything else may change on --resume: --steps/--epochs to extend,
+# --lr, --weight-decay, --schedule, --warmup-steps (applied from the next step), evaluators,
+# logging, checkpointing, device, data.
+RESUME_FIXED = {"--model": "the base model", "--quant": "the quantizer", "--adapter": "the adapter",
+                "--optimizer": "the optimizer"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +155,72 @@ class RunRecord:
         """What an adapter directory records beside PEFT's files."""
         return {"quantizer": self.quantizer.to_dict(), "adapter_spec": self.adapter_spec,
                 "base_model": self.base_model, "qpeft_version": self.qpeft_version}
+
+
+def resumed(run_dir, new: RunRecord) -> RunRecord:
+    """The record to write when ``run_dir`` is resumed with the settings of ``new``: a
+    change the checkpoints cannot serve (:data:`RESUME_FIXED`) is refused in one line
+    naming the setting and both values, before anything is written. The record keeps the
+    run's name and the version that started it (which says whether its checkpoints have
+    manifests)."""
+    old = RunRecord.read(run_dir)
+    changed = resume_changes(old, new)
+    if changed:
+        raise QpeftError(f"cannot resume {run_dir} with other settings than it was trained with: "
+                         f"{'; '.join(changed)}; its checkpoints hold state for what it was trained with. "
+                         f"Resume it as it was with 'qpeft run --resume {run_dir}' (drop those flags), "
+                         f"or start a new run with --name {Path(run_dir).name}-2")
+    return dataclasses.replace(new, run=old.run, qpeft_version=old.qpeft_version)
+
+
+def resume_changes(old: RunRecord, new: RunRecord) -> list[str]:
+    """Each setting of :data:`RESUME_FIXED` that differs, as ``FLAG was X, now Y``. Plugin
+    options are compared where both records have them (an option added since is new)."""
+    out = []
+    if not _same_model(old.model, new.model):
+        out.append(f"--model was {old.model or 'the embedded default'}, now {new.model or 'the embedded default'}")
+    out += _plugin_changes("--quant", [old.quantizer], [new.quantizer])
+    out += _plugin_changes("--adapter", old.adapter_parts, new.adapter_parts)
+    old_opt, new_opt = (r.config.get("train", {}).get("optimizer", "adamw") for r in (old, new))
+    if old_opt != new_opt:
+        out.append(f"--optimizer was {old_opt}, now {new_opt}")
+    return out
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _plugin_changes(flag: str, old: tuple, new: tuple) -> list[str]:
+    names = ["+".join(p.name for p in parts) for parts in (old, new)]
+    if names[0] != names[1]:
+        return [f"{flag} was {names[0]}, now {names[1]}"]
+    out = []
+    for a, b in zip(old, new):
+        va, vb = (json.loads(json.dumps(p.options, default=str)) for p in (a, b))
+        out += [f"{flag} {a.name}:{key} was {_value(va[key])}, now {_value(vb[key])}"
+                for key in va if key in vb and va[key] != vb[key]]
+    return out
+
+
+def _value(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def predates_manifests(version: str) -> bool:
+    """Whether a run started by qpeft ``version`` wrote checkpoints without manifest.json
+    (so one without a manifest is expected there). A version that does not parse, or a
+    source tree's ``+unknown``, is taken as current."""
+    found = re.match(r"(\d+(?:\.\d+)*)", str(version))
+    if not found or str(version).endswith("+unknown"):
+        return False
+    parts = tuple(int(x) for x in found.group(1).split("."))
+    return parts + (0,) * (3 - len(parts)) < MANIFESTS_SINCE
 
 
 def write(run_dir: Path, record: RunRecord) -> None:

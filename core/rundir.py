@@ -1,7 +1,7 @@
 """Directories a user owns: run names, an exclusive lock per run, replace-only-when-proven.
 
     --name ─▶ check_name (one plain path component, inside --output-dir)
-           ─▶ RunLock(output_dir/.NAME.lock)  held for the life of the process
+           ─▶ RunLock(.NAME.lock beside the resolved run directory)  held for the process's life
            ─▶ ... validate every input, load the model ...
            ─▶ Staged(target).commit()         build beside, then swap in
 
@@ -55,12 +55,14 @@ class RunLock:
 
     The lock file lives beside the run directory (``.NAME.lock``), so it survives the
     directory being swapped; it records the holder's PID. The kernel drops the lock when
-    the process dies, however it dies.
+    the process dies, however it dies. It goes by the directory, not the name: a run
+    reached through a symlink (``runs/alias → runs/real``) locks ``runs/.real.lock``.
     """
 
     def __init__(self, output_dir, name: str):
-        self.path = Path(output_dir) / f".{name}.lock"
         self.run = Path(output_dir) / name
+        real = self.run.resolve()       # symlinks followed: one lock per directory
+        self.path = real.parent / f".{real.name}.lock"
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":

@@ -98,8 +98,10 @@ class Trainer:
     """
 
     def __init__(self, model, batches, config: TrainConfig, run_dir: Path, device="cpu",
-                 hooks=(), evaluate=None, say=print):
+                 hooks=(), evaluate=None, say=print, unverified_checkpoints: bool = False):
         self.model, self.batches, self.cfg, self.say = model, batches, config, say
+        self.unverified_checkpoints = unverified_checkpoints   # the run predates checkpoint manifests
+        self.damaged: list[Path] = []    # found on resume; moved aside after the next good checkpoint
         self.run_dir, self.device = Path(run_dir), torch.device(device)
         self.hooks = list(hooks)   # plugins: on_step_begin is declared on Plugin
         self.evaluate = evaluate
@@ -274,14 +276,38 @@ class Trainer:
                  "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                          "python_pos": random.getstate()[2]},
                  "history": self.history}
-        return checkpoint.save(self.run_dir / "checkpoints" / f"step-{self.step:06d}", state)
+        directory = self._checkpoint_dir()
+        keep = checkpoint.aside_name(directory) if directory in self.damaged else None
+        checkpoint.save(directory, state, keep_old=keep)
+        self._set_damaged_aside(directory, keep)
+        return directory
+
+    def _checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / f"step-{self.step:06d}"
 
     def _checkpoint_unless_saved(self) -> None:
-        if not (self.run_dir / "checkpoints" / f"step-{self.step:06d}").exists():
+        directory = self._checkpoint_dir()
+        if directory in self.damaged or not directory.exists():
             self.save_checkpoint()
 
+    def _set_damaged_aside(self, written: Path, replaced: Path | None) -> None:
+        """The damaged checkpoints the resume fell back past, renamed ``damaged-step-N`` now
+        that a good checkpoint is written after them (one line each): a damaged newest
+        checkpoint would otherwise be tried, and fall back, on every later resume."""
+        for directory in self.damaged:
+            try:
+                moved = replaced if directory == written else checkpoint.set_aside(directory)
+            except OSError as exc:
+                self.say(f"qpeft: could not move damaged checkpoint {directory.name} aside "
+                         f"({exc.strerror or exc}); it stays, and is skipped on resume")
+                continue
+            self.say(f"qpeft: damaged checkpoint {directory.name} moved aside to {moved} "
+                     f"now that {written.name} is written")
+        self.damaged = []
+
     def _restore(self) -> None:
-        found = checkpoint.load_newest(self.run_dir / "checkpoints", say=self.say if self.dist.is_main else _quiet)
+        found = checkpoint.load_newest(self.run_dir / "checkpoints", say=self.say if self.dist.is_main else _quiet,
+                                       unverified=self.unverified_checkpoints, damaged=self.damaged)
         if found is None:
             if self.dist.is_main:
                 self.say(f"qpeft: no usable checkpoint under {self.run_dir / 'checkpoints'}; "
@@ -295,6 +321,7 @@ class Trainer:
                 named[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_settings()
         pos = state["position"]
         self.step, self.epoch, self.index = pos["step"], pos["epoch"], pos["index"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -303,6 +330,18 @@ class Trainer:
         if self.dist.is_main:  # drop lines logged after that checkpoint by the killed run
             lines = "".join(json.dumps(r) + "\n" for r in self.history)
             (self.run_dir / "metrics.jsonl").write_text(lines)
+
+
+    def _apply_settings(self) -> None:
+        """This run's --lr, --weight-decay and schedule over the restored optimizer and
+        scheduler state (which hold the values of the run that wrote the checkpoint): a
+        resume may change them, and the next step uses them. Unchanged, the values are the
+        same bits as before."""
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+            group["lr"] = self.cfg.lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 def _quiet(line: str) -> None:

@@ -62,9 +62,9 @@ def flip_bit(path, offset):
     path.write_bytes(bytes(data))
 
 
-def newest(root):
+def newest(root, **kwargs):
     notices = []
-    found = checkpoint.load_newest(root, say=notices.append)
+    found = checkpoint.load_newest(root, say=notices.append, **kwargs)
     return found, notices
 
 
@@ -302,18 +302,46 @@ def test_nothing_usable_gives_none(root):
 def test_a_checkpoint_without_manifest_is_loaded_unverified_with_a_notice(root):
     dirs = save_steps(root, 2)
     (dirs[2] / "manifest.json").unlink()  # as written by an older qpeft
-    (path, state), notices = newest(root)
+    (path, state), notices = newest(root, unverified=True)
     assert path == dirs[2]
     assert_same(state, make_state(2))
     assert notices == ["qpeft: checkpoint step-000002 has no manifest.json (written by an older qpeft); "
                        "loaded without verification"]
 
 
+def test_a_missing_manifest_is_damage_unless_an_older_qpeft_started_the_run(root):
+    from qpeft.core.run_record import predates_manifests
+
+    dirs = save_steps(root, 2, 4)
+    (dirs[4] / "manifest.json").unlink()
+    damaged = []
+    (path, state), notices = newest(root, damaged=damaged)
+    assert path == dirs[2] and damaged == [dirs[4]]
+    assert_same(state, make_state(2))
+    assert notices == ["qpeft: checkpoint step-000004 is damaged (manifest.json: missing, and this run was "
+                       "started by a qpeft that writes one); falling back to step-000002"]
+    assert [predates_manifests(v) for v in ("0.0.9", "0.1.0", "0.1", "0.2.0rc1", "1.0", "0.0.0+unknown", "x")] \
+        == [True, False, False, False, False, False, False]
+
+
+def test_a_damaged_step_is_set_aside_under_its_own_name(root):
+    dirs = save_steps(root, 2, 4)
+    flip_bit(dirs[4] / "state.safetensors", 100)
+    assert checkpoint.set_aside(dirs[4]) == root / "damaged-step-000004"
+    save_steps(root, 4)                       # damaged again, and replaced keeping the old copy
+    flip_bit(dirs[4] / "state.safetensors", 100)
+    checkpoint.save(dirs[4], make_state(4), keep_old=checkpoint.aside_name(dirs[4]))
+    assert sorted(p.name for p in root.iterdir()) == ["damaged-step-000004", "damaged-step-000004-2",
+                                                      "step-000002", "step-000004"]
+    assert checkpoint.complete(root) == [dirs[4], dirs[2]] and checkpoint.verify(dirs[4])
+    assert_same(checkpoint.load(dirs[4]), make_state(4))
+
+
 def test_without_manifest_a_file_that_does_not_parse_still_falls_back(root):
     dirs = save_steps(root, 2, 4)
     (dirs[4] / "manifest.json").unlink()
     os.truncate(dirs[4] / "state.safetensors", 5)
-    (path, _), notices = newest(root)
+    (path, _), notices = newest(root, unverified=True)
     assert path == dirs[2]
     assert len(notices) == 1
     assert notices[0].startswith("qpeft: checkpoint step-000004 is damaged (state.safetensors: ")
@@ -321,7 +349,7 @@ def test_without_manifest_a_file_that_does_not_parse_still_falls_back(root):
 
     (dirs[2] / "manifest.json").unlink()
     (dirs[2] / "state.json").write_text('{"__tensor__": "s.nowhere"}')
-    found, notices = newest(root)
+    found, notices = newest(root, unverified=True)
     assert found is None
     assert notices[-1] == ("qpeft: checkpoint step-000002 is damaged (state.json: does not match "
                            "state.safetensors ('s.nowhere')); no earlier checkpoint to fall back to")

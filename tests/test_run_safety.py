@@ -188,3 +188,126 @@ def test_a_full_disk_anywhere_in_a_run_is_one_line(tiny_dir, tmp_path, monkeypat
     line = one_line_error(invoke(*tiny_run(tiny_dir, tmp_path, "x")), after_progress=True)
     assert line == f"Error: cannot write {tmp_path / 'x' / 'report.json'}: No space left on device; free some space"
     assert (tmp_path / "x" / "checkpoints" / "step-000003" / "COMPLETE").is_file()   # earlier work kept
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file under ``directory`` (and its siblings' names) with its bytes."""
+    files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {"files": files, "beside": sorted(p.name for p in directory.parent.iterdir())}
+
+
+def copy_of(run, tmp_path, name="copy") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / name))
+
+
+@pytest.mark.parametrize("flags, change", [
+    (("--adapter", "dora"), "--adapter was lora, now dora"),
+    (("--adapter", "lora:r=8:dropout=0.1"), "--adapter lora:r was 4, now 8"),
+    (("--quant", "none:compute_dtype=bfloat16"), "--quant none:compute_dtype was float32, now bfloat16"),
+    (("--model", "tiny"), "--model was {model}, now tiny"),
+    (("--optimizer", "paged_adamw_8bit"), "--optimizer was adamw, now paged_adamw_8bit"),
+])
+def test_resume_refuses_what_its_checkpoints_cannot_serve_and_leaves_the_run_as_it_was(
+        finished, tiny_dir, tmp_path, flags, change):
+    _, run = finished
+    copy = copy_of(run, tmp_path)
+    before = snapshot(copy)
+    line = one_line_error(invoke("run", "--resume", str(copy), *flags))
+    assert line == (f"Error: cannot resume {copy} with other settings than it was trained with: "
+                    f"{change.format(model=tiny_dir)}; its checkpoints hold state for what it was trained "
+                    f"with. Resume it as it was with 'qpeft run --resume {copy}' (drop those flags), "
+                    "or start a new run with --name copy-2")
+    assert snapshot(copy) == before                       # byte for byte, and no lock left beside it
+    if flags[0] == "--adapter" and flags[1] == "dora":    # and the run still resumes as it was
+        result = invoke("run", "--resume", str(copy))
+        assert result.exit_code == 0, result.output
+        now, then = (json.loads(t) for t in ((copy / "config.json").read_text(), before["files"]["config.json"]))
+        assert (now["adapter"], now["quantizer"]) == (then["adapter"], then["quantizer"])
+        assert (copy / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_may_extend_steps_and_change_the_lr(finished, tmp_path):
+    _, run = finished
+    copy = copy_of(run, tmp_path)
+    old = json.loads((copy / "config.json").read_text())
+    result = invoke("run", "--resume", str(copy), "--steps", "5", "--lr", "1e-3")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in lines] == [(1, 3e-4), (2, 3e-4), (3, 3e-4), (4, 1e-3), (5, 1e-3)]
+    new = json.loads((copy / "config.json").read_text())
+    assert (new["config"]["train"]["steps"], new["config"]["train"]["lr"]) == (5, 1e-3)
+    assert (new["run"], new["qpeft_version"]) == (old["run"], old["qpeft_version"])
+
+
+def test_a_run_reached_through_a_symlink_is_locked_as_its_directory(finished, tmp_path):
+    import os
+
+    from qpeft.core.rundir import RunLock
+
+    _, run = finished
+    real = copy_of(run, tmp_path, "real")
+    (tmp_path / "alias").symlink_to("real")
+    for held, resumed in (("real", "alias"), ("alias", "real")):
+        with RunLock(tmp_path, held):
+            line = one_line_error(invoke("run", "--resume", str(tmp_path / resumed)))
+        assert line.startswith(f"Error: {tmp_path / resumed} is in use by process {os.getpid()}; ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "real"]
+    assert (real / "checkpoints" / "step-000003").is_dir()
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped bit", "no manifest", "both steps"])
+def test_a_damaged_checkpoint_is_moved_aside_once_a_good_one_is_written(finished, tmp_path, damage):
+    from qpeft.core import checkpoint
+
+    _, run = finished
+    copy = copy_of(run, tmp_path)
+    ckpts = copy / "checkpoints"
+    if damage == "no manifest":
+        (ckpts / "step-000003" / "manifest.json").unlink()
+    else:
+        _flip(ckpts / "step-000003" / "state.safetensors")
+    if damage == "both steps":
+        _flip(ckpts / "step-000002" / "state.safetensors")
+    aside = {"step-000003": ckpts / "damaged-step-000003"}
+    if damage == "both steps":
+        aside["step-000002"] = ckpts / "damaged-step-000002"
+    result = invoke("run", "--resume", str(copy))
+    assert result.exit_code == 0, result.output
+    reason = "manifest.json: missing, and this run was started by a qpeft that writes one" \
+        if damage == "no manifest" else "state.safetensors: SHA-256 mismatch"
+    assert f"qpeft: checkpoint step-000003 is damaged ({reason}); falling back to step-000002" in result.stderr
+    written = "step-000002" if damage == "both steps" else "step-000003"
+    for name, where in aside.items():
+        assert f"qpeft: damaged checkpoint {name} moved aside to {where} now that {written} is written" \
+            in result.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(["step-000002", "step-000003", *(
+        p.name for p in aside.values())])
+    notices = []
+    found, _ = checkpoint.load_newest(ckpts, say=notices.append)
+    assert found == ckpts / "step-000003" and notices == []   # the next resume starts from step 3
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_checkpoint_without_manifest_loads_unverified_only_for_a_run_an_older_qpeft_started(finished, tmp_path):
+    _, run = finished
+    copy = copy_of(run, tmp_path)
+    record = json.loads((copy / "config.json").read_text())
+    record["qpeft_version"] = "0.0.9"                     # before checkpoints carried a manifest
+    (copy / "config.json").write_text(json.dumps(record))
+    (copy / "checkpoints" / "step-000003" / "manifest.json").unlink()
+    result = invoke("run", "--resume", str(copy), "--steps", "4")
+    assert result.exit_code == 0, result.output
+    assert ("qpeft: checkpoint step-000003 has no manifest.json (written by an older qpeft); loaded without "
+            "verification") in result.stderr and "damaged" not in result.stderr
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert json.loads((copy / "config.json").read_text())["qpeft_version"] == "0.0.9"
