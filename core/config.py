@@ -224,9 +224,7 @@ def read_file(path: str) -> dict:
         if kind == "JSON":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml(text)
     except Exception as exc:
         raise QpeftError(f"{path} is not valid {kind}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -240,6 +238,22 @@ def read_file(path: str) -> dict:
     if bad is not None:
         raise QpeftError(f"{path}: setting names must be text, got {bad!r}; write e.g. 'steps: 100'")
     return (section or {}) | {k: v for k, v in data.items() if k != "train"}
+
+
+def _yaml(text: str):
+    """``yaml.safe_load`` without aliases (``*name``): a few lines of them expand to gigabytes
+    (a "billion laughs"), and no setting needs one."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                line = self.peek_event().start_mark.line + 1
+                raise yaml.YAMLError(f"line {line}: an alias (*name) refers to an anchor; qpeft does not "
+                                     "expand aliases in config files: write the value out")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)   # noqa: S506 (a SafeLoader)
 
 
 def text_of(path: Path, fix: str = "save it as UTF-8") -> str:

@@ -29,6 +29,7 @@ from qpeft.core.errors import QpeftError
 FORMATS = ("auto", "alpaca", "chat", "text")
 ROLES = ("system", "user", "assistant")
 BUNDLED = "bundled"
+MAX_BYTES_ENV = "QPEFT_MAX_DATA_BYTES"
 _BUNDLED_FILES = {"train": "edge_tasks.train.jsonl", "test": "edge_tasks.test.jsonl"}
 
 
@@ -75,8 +76,16 @@ def load(path, fmt: str = "auto", skip_bad_lines: bool = False) -> list[Example]
         raise DataError(f"unknown data format '{fmt}'; use one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
+        if path.exists():    # a FIFO, a device such as /dev/zero, a directory: never read
+            raise DataError(f"{_shown(str(path))} is not a regular file ({_kind(path)}); pass a .jsonl or "
+                            ".json file, or 'bundled'")
         raise DataError(f"no such data file: {_shown(str(path))}; pass a .jsonl or .json file, "
                         "or 'bundled'")
+    size, limit = path.stat().st_size, max_bytes()
+    if size > limit:
+        raise DataError(f"data file {_shown(str(path))} is {size / 2**30:.1f} GiB, more than qpeft reads into "
+                        f"memory ({limit / 2**30:.1f} GiB, a quarter of this machine's memory; set "
+                        f"{MAX_BYTES_ENV} to change it); train on a sample or a split of it")
     try:
         content = path.read_bytes()
     except OSError as exc:
@@ -84,6 +93,28 @@ def load(path, fmt: str = "auto", skip_bad_lines: bool = False) -> list[Example]
                         f"({exc.strerror or type(exc).__name__}); "
                         "check the path and its permissions") from None
     return parse(content, path.name, fmt, skip_bad_lines)
+
+
+def max_bytes() -> int:
+    """The largest data file read (it is held in memory, with its examples): ``$QPEFT_MAX_DATA_BYTES``,
+    else a quarter of the machine's physical memory."""
+    import os
+
+    if os.environ.get(MAX_BYTES_ENV, "").isdigit():
+        return int(os.environ[MAX_BYTES_ENV])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):   # no sysconf: no limit
+        return sys.maxsize
+
+
+def _kind(path: Path) -> str:
+    """What a path that exists but is no regular file is, in a few words."""
+    import stat
+
+    mode = path.stat().st_mode
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or special file")
 
 
 def parse(content: bytes | str, name: str, fmt: str = "auto",
@@ -120,12 +151,19 @@ def _shown(name: str) -> str:
 
 def _records(content: bytes, name: str):
     """``(where, record)`` pairs; a record that fails to decode is a ``_BadRecord``."""
-    if content.lstrip(b" \t\n\r").startswith(b"["):
+    if content.lstrip(b" \t\n\r").startswith(b"[") and not _jsonl_of_lists(content):
         yield from _list_records(content, name)
         return
     for number, raw in enumerate(content.split(b"\n"), 1):  # not splitlines: "\u2028" is text
         if raw.strip():
             yield f"{name}:{number}", _line_record(raw)
+
+
+def _jsonl_of_lists(content: bytes) -> bool:
+    """Whether a file starting with ``[`` is JSONL (its first line one whole JSON value, more
+    lines after it) rather than one JSON list."""
+    first, _, rest = content.lstrip(b" \t\n\r").partition(b"\n")
+    return bool(rest.strip()) and not isinstance(_line_record(first), _BadRecord)
 
 
 def _line_record(raw: bytes):
@@ -282,7 +320,7 @@ def _optional(record: dict, key: str, number_ok: bool = False) -> str | None:
         return None if value is None else _valid(value, f"'{key}'")
     if not number_ok or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise _BadRecord(f"'{key}' must be text, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):   # an int of any length is finite
         raise _BadRecord(f"'{key}' must be text or a finite number, got {value}")
     return str(value)
 

@@ -162,3 +162,43 @@ def test_cli_refuses_a_non_utf8_file_in_one_line_before_loading_the_model(tmp_pa
     assert lines[0] == ("Error: bad.jsonl:2: byte 0xff at column 18 is not valid UTF-8 (the file "
                         "must be UTF-8); fix it or pass --skip-bad-lines")
     assert not (tmp_path / "runs").exists()
+
+
+# -- issue 22 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("number", [b"9" * 400, b"-" + b"9" * 400, b"1" * 4300])
+def test_a_numeric_answer_of_any_length_that_python_reads_is_its_text(tmp_path, number):
+    record = b'{"instruction": "Count.", "output": "many", "answer": ' + number + b"}"
+    for skip in (False, True):
+        (example,) = data.load(write(tmp_path, "long.jsonl", record), skip_bad_lines=skip)
+        assert example.answer == number.decode()
+    refused(write(tmp_path, "long.json", b"[" + record.replace(number, b"1" * 400 + b".5") + b"]"),
+            r"long\.json:item 1: 'answer' must be text or a finite number, got inf")
+
+
+def test_a_jsonl_file_whose_first_line_is_a_list_is_read_as_jsonl(tmp_path):
+    path = write(tmp_path, "lists.jsonl", b"[1, 2]\n" + GOOD + b"\n" + GOOD + b"\n")
+    refused(path, r"lists\.jsonl:1: expected a JSON object, got list; fix it or pass --skip-bad-lines$")
+    skipped(path, "lines 1", kept=2)
+    # one JSON list, on one line or pretty-printed, is still a list
+    assert len(data.load(write(tmp_path, "one.json", b"[" + GOOD + b", " + GOOD + b"]\n"))) == 2
+    assert len(data.load(write(tmp_path, "two.json", b"[\n" + GOOD + b",\n" + GOOD + b"\n]"))) == 2
+
+
+def test_a_fifo_a_device_or_a_directory_is_not_called_missing(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    refused(fifo, rf"{re.escape(str(fifo))} is not a regular file \(a FIFO \(named pipe\)\); pass a .jsonl")
+    refused("/dev/zero", r"/dev/zero is not a regular file \(a device\); pass a .jsonl or .json file")
+    refused(tmp_path, rf"{re.escape(str(tmp_path))} is not a regular file \(a directory\)")
+
+
+def test_a_data_file_larger_than_the_limit_is_refused_by_size_unread(tmp_path, monkeypatch):
+    path = write(tmp_path, "big.jsonl", b"\n".join([GOOD] * 40))
+    monkeypatch.setenv(data.MAX_BYTES_ENV, "1000")
+    monkeypatch.setattr(type(path), "read_bytes", lambda self: pytest.fail("the file was read"))
+    refused(path, rf"data file {re.escape(str(path))} is 0.0 GiB, more than qpeft reads into memory "
+                  rf"\(0.0 GiB, a quarter of this machine's memory; set QPEFT_MAX_DATA_BYTES to change it\)")
+    monkeypatch.undo()
+    assert data.max_bytes() > 2**20 and len(data.load(path)) == 40

@@ -20,6 +20,7 @@ from qpeft.core.data import DataError, Example
 NAME = "fuzz.jsonl"
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5", "answer": 5, "task": "add"},
+    {"instruction": "Pi?", "output": "3.14", "answer": 3.14},
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
     {"text": "Plain text, trained on in full."},
     {"instruction": "Say \u00e9t\u00e9 \U0001f600", "output": "ok"},
@@ -37,14 +38,31 @@ STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string in a record's bytes
 PER_RECORD = re.compile(rf"^{re.escape(NAME)}:(\d+|item (\d+)): ")
 
 
+def numbers():
+    """JSON numbers of any length: integers to twice Python's 4300-digit limit, long fractions."""
+    digits = st.one_of(st.integers(1, 4300), st.integers(4301, 9000)).map(lambda n: b"9" * n)
+    return st.one_of(digits, digits.map(lambda d: b"-" + d), digits.map(lambda d: d + b".5"),
+                     digits.map(lambda d: b"1." + d + b"e" + d[:3]))
+
+
+NUMBER = re.compile(rb"(?<![\w.\\])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])")  # a number outside strings, mostly
+
+
 @st.composite
 def mutated(draw):
     """One valid record's JSON, mutated a few times."""
     line = json.dumps(draw(st.sampled_from(RECORDS)), ensure_ascii=draw(st.booleans())).encode()
     for _ in range(draw(st.integers(0, 2))):
         at = draw(st.integers(0, len(line)))
-        op = draw(st.sampled_from(["value", "truncate", "flip", "insert", "nest", "delete", "value"]))
-        if op == "value":  # one string value (not a key) replaced
+        op = draw(st.sampled_from(["value", "truncate", "flip", "insert", "nest", "delete", "value", "number",
+                                   "number"]))
+        if op == "number":  # a number, else a string value, replaced by a number of any length
+            spots = list(NUMBER.finditer(line)) or [m for m in STRING.finditer(line)
+                                                    if not line[m.end():].startswith(b":")]
+            spot = draw(st.sampled_from(spots or [None]))
+            if spot:
+                line = line[:spot.start()] + draw(numbers()) + line[spot.end():]
+        elif op == "value":  # one string value (not a key) replaced
             values = [m for m in STRING.finditer(line) if not line[m.end():].startswith(b":")]
             string = draw(st.sampled_from(values or [None]))
             if string:
@@ -126,3 +144,52 @@ def test_any_file_loads_or_gives_one_line_at_file_line(path, content):
     if skipping[0] == "error":  # only a broken JSON list or a file of nothing usable remains
         assert strict[0] == "error"
         assert skipping[1].endswith("(JSONL)") or "no usable examples" in skipping[1], skipping[1]
+
+
+# -- config files: YAML anchors and aliases ------------------------------------------------
+KEYS = ["adapter", "quant", "steps", "lr", "data", "evaluators", "train", "template", "seed", "name", "model", "x"]
+
+
+@st.composite
+def yaml_with_aliases(draw):
+    """A YAML mapping whose values are scalars, lists and aliases of earlier anchors, up to a
+    "billion laughs": each level a list of nine aliases of the one before."""
+    lines, anchors = [], []
+    for i, key in enumerate(draw(st.permutations(KEYS))[:draw(st.integers(1, len(KEYS)))]):
+        kind = draw(st.sampled_from(["scalar", "list", "alias", "laughs"]))
+        if kind == "scalar" or not anchors and kind != "list":
+            value = draw(st.sampled_from(["lora", "nf4", "100", "3.0e-4", "'" + "9" * 5000 + "'", "[]", "{}"]))
+        elif kind == "list":
+            value = "[" + ", ".join(draw(st.lists(st.sampled_from(["lol", "1", "x"]), max_size=9))) + "]"
+        elif kind == "alias":
+            value = "*" + draw(st.sampled_from(anchors))
+        else:
+            value = "[" + ", ".join(["*" + anchors[-1]] * 9) + "]"
+        anchor = f"a{i}"
+        anchors.append(anchor)
+        lines.append(f"{key}: &{anchor} {value}")
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(text=yaml_with_aliases())
+def test_a_config_file_with_aliases_is_one_short_line_at_once(tmp_path_factory, text):
+    import time
+
+    from qpeft.core import config
+    from qpeft.core.errors import QpeftError
+
+    path = tmp_path_factory.mktemp("yaml") / "run.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    try:
+        settings_ = config.read_file(str(path))
+        config.build(str(path), {})
+    except QpeftError as exc:
+        message = str(exc)
+        assert "\n" not in message and len(message) < 1500, message[:1500]
+        event(message.split(":")[1][:40] if "alias" in message else "other error")
+    else:
+        assert "*" not in text, settings_   # every alias is refused
+        event("loaded")
+    assert time.perf_counter() - started < 5
