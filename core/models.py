@@ -34,7 +34,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a corrupt file or an unsupported model makes transformers, safetensors and gguf raise.
-_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, struct.error)
+_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, OverflowError, struct.error)
 
 
 def cache_dir() -> Path:
@@ -259,7 +259,7 @@ def check_gguf(gguf: Path) -> None:
         if magic != b"GGUF":
             raise ModelLoadError(f"{gguf} is not a GGUF file (it does not start with the bytes 'GGUF'); {_INSTEAD}")
         need, size = _gguf_end(gguf), gguf.stat().st_size
-    except struct.error:
+    except (struct.error, OverflowError, MemoryError):   # a length or offset past anything the file holds
         raise ModelLoadError(f"{gguf} is truncated or corrupt (its header runs past the end of the file); "
                              "download it again") from None
     except (ValueError, OSError) as exc:
@@ -326,6 +326,8 @@ def _gguf_end(gguf: Path) -> int:
             length = take("Q")  # the name
             pos += length
             dims = take("I")
+            if dims > 8:   # ggml has at most 4
+                raise ValueError(f"a tensor with {dims} dimensions at byte {pos}")
             count = math.prod(struct.unpack_from(f"{order}{dims}Q", buf, pos))
             pos += 8 * dims
             kind, offset = take("I"), take("Q")
@@ -334,6 +336,37 @@ def _gguf_end(gguf: Path) -> int:
             block, size = GGML_QUANT_SIZES[kind]
             end = max(end, offset + count // block * size)
         return pos + (-pos) % alignment + end
+
+
+def linear_shapes(spec: str | None) -> dict[str, tuple[int, int] | None] | None:
+    """``{module path: (in_features, out_features)}`` of each linear layer of a model spec
+    (None for its other modules),
+    from its config alone (the model built on the meta device: no weight is read), or None
+    when that cannot be known without a download or a conversion (a hub id, an unconverted
+    GGUF) or the config does not build."""
+    where = locate(spec)
+    if isinstance(where, Path) and where.is_file():
+        where = _conversion_target(where, _label(where, spec))
+        if not (where / _DONE).is_file():
+            return None
+    if not isinstance(where, Path):
+        return None
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(where))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:   # noqa: BLE001 - no config-only answer: the load itself checks the shapes
+        return None
+    return {name: (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else None
+            for name, m in model.named_modules()}
 
 
 def load_tokenizer(spec: str | None = None):

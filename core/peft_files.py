@@ -41,15 +41,56 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def header(path: Path) -> dict[str, tuple]:
-    """Tensor names and shapes from a safetensors header (no tensor is read)."""
+def header(path: Path, fix: str = "save or download the adapter again") -> dict[str, tuple]:
+    """Tensor names and shapes from a safetensors header (no tensor is read); the header must
+    cover the whole file, so a truncated file is refused here, with ``fix`` as what to do."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types
-        raise QpeftError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        raise QpeftError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                         f"it may be truncated: {fix}") from None
+
+
+def check_fits(directory: Path, model_spec, base_model) -> None:
+    """Before the model loads: each adapter tensor's shape against the base model's linear
+    layers, read from its config (:func:`qpeft.core.models.linear_shapes`); an adapter made
+    for another model is one line naming the tensor, both shapes and the adapter's base."""
+    from qpeft.core import models
+
+    layers = models.linear_shapes(model_spec)
+    if layers is None:
+        return
+    shapes = header(directory / WEIGHTS)
+    names, _ = tensor_names(directory / WEIGHTS, shapes)
+    model = model_spec or models.EMBEDDED
+    other = (f"; the adapter was made for '{base_model}' (its metadata): pass that one with --model"
+             if base_model else "; the adapter was made for another base model: pass that one with --model")
+    for key, (module, ours) in names.items():
+        if module not in layers:
+            raise QpeftError(f"{directory / WEIGHTS} holds {ours} for {module}, a layer {model} does not have{other}")
+        if layers[module] is None:   # not a linear layer: the load says why it cannot be adapted
+            continue
+        fan_in, fan_out = layers[module]
+        shape, need = shapes[key], _expected(ours, shapes[key], fan_in, fan_out)
+        if need is not None and tuple(shape) != need:
+            raise QpeftError(f"{directory / WEIGHTS}: {module}.{ours} is {list(shape)}, but {model}'s {module} "
+                             f"needs {list(need)} (in {fan_in}, out {fan_out}){other}")
+
+
+def _expected(ours: str, shape: tuple, fan_in: int, fan_out: int) -> tuple | None:
+    """The shape a tensor of this kind must have on a layer of that size (its rank as saved)."""
+    if ours == "lora_A.weight" and len(shape) == 2:
+        return shape[0], fan_in
+    if ours == "lora_B.weight" and len(shape) == 2:
+        return fan_out, shape[1]
+    if ours == "lora_magnitude_vector" and len(shape) == 1:
+        return (fan_out,)
+    if ours == "ia3_l" and len(shape) == 2:   # [out, 1]; [1, in] on a feed-forward layer
+        return (1, fan_in) if shape[0] == 1 and shape[1] != 1 else (fan_out, 1)
+    return None
 
 
 def tensor_names(path: Path, shapes: dict) -> tuple[dict, list[str]]:

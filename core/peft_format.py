@@ -179,20 +179,36 @@ def load_adapter(model, directory, registry=None):
     return composition
 
 
-def load_tensors(model, directory) -> None:
-    """Copy the tensors of ``adapter_model.safetensors`` into the model's adapter layers."""
+def read_tensors(path: Path) -> dict:
+    """The tensors of a safetensors file, or one line naming it (truncated, damaged)."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as exc:   # noqa: BLE001 - safetensors raises its own error types
+        raise QpeftError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); it may be "
+                         "truncated: save or download the adapter again") from None
+
+
+def load_tensors(model, directory) -> None:
+    """Copy the tensors of ``adapter_model.safetensors`` into the model's adapter layers,
+    each checked against the layer's own shape first."""
     from qpeft.core.adapter_layers import adapter_layers
 
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise QpeftError(f"no {WEIGHTS} in {directory}; is it a saved adapter?")
-    saved = load_file(str(path))
+    saved = read_tensors(path)
     used = set()
     for name, layer in adapter_layers(model).items():
         head = f"{PREFIX}{name}."
         own = {k[len(head):]: t for k, t in saved.items() if k.startswith(head)}
+        for key, tensor in own.items():
+            need = layer.adapter_tensors().get(key)
+            if need is not None and tuple(tensor.shape) != tuple(need.shape):
+                raise QpeftError(f"{path}: {name}.{key} is {list(tensor.shape)}, but this model's layer needs "
+                                 f"{list(need.shape)}; the adapter was made for another base model "
+                                 f"(see base_model in {directory / MANIFEST})")
         layer.load_adapter_tensors(own)
         used.update(head + k for k in own)
     unused = sorted(set(saved) - used)

@@ -71,17 +71,15 @@ class Imported:
         """Copy the tensors into ``model``'s adapter layers (attached with ``composition``),
         or fail with one line naming the module: a missing tensor, a shape that differs
         (an adapter made for another base model), tensors for a layer the model lacks."""
+        from qpeft.core import peft_format
+
         if self.written_by_qpeft:
-            from qpeft.core.peft_format import load_tensors
-
-            load_tensors(model, self.directory)
+            peft_format.load_tensors(model, self.directory)
             return
-        from safetensors.torch import load_file
-
         from qpeft.core.adapter_layers import adapter_layers
 
         saved: dict = {}
-        for key, tensor in load_file(str(self.directory / WEIGHTS)).items():
+        for key, tensor in peft_format.read_tensors(self.directory / WEIGHTS).items():
             path, ours = self.names[key]
             saved.setdefault(path, {})[ours] = tensor
         layers = adapter_layers(model)
@@ -153,6 +151,7 @@ def _read_qpeft(directory: Path, registry) -> Imported:
     from qpeft.core.peft_format import read_manifest
 
     record = read_manifest(directory)
+    peft_files.header(directory / WEIGHTS)   # a truncated file is refused before any model loads
     try:
         parts = [(p["name"], p["options"]) for p in record["parts"]]
         spec = record["spec"]

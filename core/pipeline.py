@@ -222,7 +222,12 @@ def evaluate_before(p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, wo
     ``eval_before.json``, so a resumed run does not measure them again)."""
     before_file = run_dir / "eval_before.json"
     if resuming and before_file.is_file():
-        return json.loads(before_file.read_text())
+        try:
+            before = json.loads(before_file.read_bytes())
+        except (ValueError, RecursionError) as exc:   # truncated by a kill, or edited
+            raise QpeftError(f"{before_file} is damaged ({str(exc).splitlines()[0][:120]}); delete it (it is "
+                             f"measured again) and resume: qpeft run --resume {run_dir}") from None
+        return before
     before = evaluate(p.evaluators, ctx(stage="before", facts=dict(facts)), say)
     if world.is_main:
         before_file.write_text(json.dumps(before, indent=2))

@@ -14,8 +14,9 @@ goes through the optional method hook ``select_rank(model, rank)`` (QDyLoRA has 
 import dataclasses
 from pathlib import Path
 
-from qpeft.core import registry, streaming
+from qpeft.core import peft_files, registry, streaming
 from qpeft.core.errors import QpeftError
+from qpeft.core.peft_format import WEIGHTS
 from qpeft.core.run_record import RunRecord
 
 
@@ -43,6 +44,7 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None, record: RunRe
     if not (run_dir / "adapter" / "qpeft_adapter.json").is_file():
         raise QpeftError(f"{run_dir} has no saved adapter (adapter/qpeft_adapter.json); "
                          f"finish the run with: qpeft run --resume {run_dir}")
+    peft_files.header(run_dir / "adapter" / WEIGHTS, f"write it again with: qpeft run --resume {run_dir}")
     cfg = record.settings(run_dir)
     if plan is not None:
         quantizer, composition = plan.quantizer, plan.adapter

@@ -172,3 +172,128 @@ def test_a_failed_save_over_an_existing_adapter_keeps_it(finished, tiny, monkeyp
     monkeypatch.undo()
     composition.method.save(tiny, adapter, {})
     assert snapshot(adapter) != before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+# -- item 6: damaged or foreign inputs, refused in one line before the model loads --------
+@pytest.fixture(scope="module")
+def narrow_dir(tmp_path_factory):
+    """Another tiny model (hidden 32, not 64): the adapters of the runs above do not fit it."""
+    from qpeft.core.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("narrow"), hidden=32)
+
+
+@pytest.mark.parametrize("kind", ["qpeft", "peft"])
+def test_an_adapter_made_for_another_model_is_refused_before_loading(finished, tiny_dir, narrow_dir, no_load,
+                                                                     tmp_path, kind):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished[1] / "adapter", adapter)
+    if kind == "peft":   # a plain PEFT directory: its base model is in adapter_config.json
+        (adapter / "qpeft_adapter.json").unlink()
+    line = one_line_error(invoke("eval", adapter, "--model", narrow_dir, "--quant", "none"))
+    layer = "model.layers.0.mlp.down_proj"
+    assert line == (f"Error: {adapter / 'adapter_model.safetensors'}: {layer}.lora_B.weight is [64, 4], but "
+                    f"{narrow_dir}'s {layer} needs [32, 4] (in 128, out 32); the adapter was made for "
+                    f"'{tiny_dir}' (its metadata): pass that one with --model")
+
+
+def test_a_truncated_adapter_file_is_one_line_before_loading(finished, tiny_dir, no_load, tmp_path):
+    import shutil
+
+    out, run, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    fix = f"it may be truncated: write it again with: qpeft run --resume {copy}"
+    for args in (["eval", copy], ["export", copy, "--out", tmp_path / "exported"],
+                 ["export", copy, "--merge", "--out", tmp_path / "merged"]):
+        line = one_line_error(invoke(*args), after_progress=True)
+        assert line.startswith(f"Error: {weights} is not a readable safetensors file (") and line.endswith(fix), line
+    line = one_line_error(invoke("eval", copy / "adapter", "--model", tiny_dir, "--quant", "none"))
+    assert line.startswith(f"Error: {weights} is not a readable safetensors file (")
+    assert line.endswith("it may be truncated: save or download the adapter again")
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "merged").exists()
+
+
+def test_a_truncated_report_or_eval_before_is_one_line_naming_it(finished, tmp_path, monkeypatch):
+    import shutil
+
+    out, run, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    report = copy / "report.json"
+    report.write_bytes(report.read_bytes()[:50])
+    monkeypatch.setattr(streaming, "load_quantized", _no_load)
+    line = one_line_error(invoke("eval", copy))
+    assert line.startswith(f"Error: {report} is damaged (") and line.endswith(f"qpeft run --resume {copy}")
+    monkeypatch.undo()
+
+    before = copy / "eval_before.json"
+    before.write_bytes(before.read_bytes()[:20])
+    line = one_line_error(invoke("run", "--resume", copy), after_progress=True)
+    assert line.startswith(f"Error: {before} is damaged (Expecting property name enclosed in double quotes: ")
+    assert line.endswith(f"); delete it (it is measured again) and resume: qpeft run --resume {copy}")
+
+
+def _gguf(path: Path) -> bytes:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.arange(64 * 16, dtype=np.float32).reshape(64, 16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_every_single_bit_flip_in_a_gguf_header_passes_or_is_one_line(tmp_path):
+    from qpeft.core import models
+    from qpeft.core.errors import ModelLoadError
+
+    whole = _gguf(tmp_path / "whole.gguf")
+    header = len(whole) - 64 * 16 * 4   # everything before the tensor data
+    bad = tmp_path / "flipped.gguf"
+    refused = 0
+    for at in range(header):
+        for bit in range(8):
+            flipped = bytearray(whole)
+            flipped[at] ^= 1 << bit
+            bad.write_bytes(flipped)
+            try:
+                models.check_gguf(bad)
+            except ModelLoadError as exc:
+                assert "\n" not in str(exc) and str(exc).startswith(str(bad)), exc
+                refused += 1
+    assert refused > header   # most flips in the header are caught here, before any conversion
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_in_a_short_line(tmp_path):
+    import time
+
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 7)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nadapter: *a6\nsteps: *a6\n")
+    started = time.perf_counter()
+    line = one_line_error(invoke("run", "--config", bomb))
+    assert time.perf_counter() - started < 10 and len(line) < 300, line[:300]
+    assert line == (f"Error: {bomb} is not valid YAML: line 2: an alias (*name) refers to an anchor; qpeft does "
+                    "not expand aliases in config files: write the value out")
+
+
+@pytest.mark.parametrize("out", [".", "..", "./", "here/.."])
+def test_export_out_dot_is_refused(finished, tmp_path, monkeypatch, no_load, out):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "mine.txt").write_text("kept")
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--overwrite"], ["--merge", "--overwrite"]):
+        line = one_line_error(invoke("export", finished[1], "--out", out, *extra))
+        assert line == (f"Error: --out {out} is the current directory or one above it, which an export would "
+                        "replace; pass a new directory, e.g. --out ev-export")
+    assert (tmp_path / "mine.txt").read_text() == "kept"

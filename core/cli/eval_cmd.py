@@ -128,6 +128,7 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
     flags = {**settings, "init_adapter": str(directory), "evaluators": evaluators, "eval_limit": limit}
     cfg = config.build(None, {k: v for k, v in flags.items() if v is not None})
     plan = pipeline.plan(cfg)           # reads the adapter directory, evaluators and data first
+    peft_files.check_fits(Path(directory), cfg.model, plan.init.base_model)   # shapes against the base's config
     device = distributed.device_for(device)
     model = cfg.model or models.EMBEDDED
     say(f"qpeft: loading {Path(directory).name} ({_short(cfg.adapter)}) over {model} × {cfg.quant} on {device}")

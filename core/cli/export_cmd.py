@@ -51,6 +51,10 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type
     from qpeft.core.rundir import refuse_overlap
 
     out = Path(out_path)
+    here = Path.cwd().resolve()
+    if out.name in ("", ".", "..") or out.resolve() == here or out.resolve() in here.parents:
+        raise QpeftError(f"--out {out_path} is the current directory or one above it, which an export would "
+                         f"replace; pass a new directory, e.g. --out {Path(run_dir).resolve().name}-export")
     check_combination(fmt, merge, quant_spec, gguf_type, dtype, max_shard_size)
     if quality is not None and quant_spec is None:
         raise QpeftError("--quality measures a re-quantized export; add --merge --quant SPEC, or drop --quality")
