@@ -297,3 +297,32 @@ def test_export_out_dot_is_refused(finished, tmp_path, monkeypatch, no_load, out
         assert line == (f"Error: --out {out} is the current directory or one above it, which an export would "
                         "replace; pass a new directory, e.g. --out ev-export")
     assert (tmp_path / "mine.txt").read_text() == "kept"
+
+
+# -- item 7 --------------------------------------------------------------------------------
+def test_sigterm_while_the_model_loads_ends_with_a_line(tiny_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\n"
+              "from qpeft.core import streaming\n"
+              "streaming.load_quantized = lambda *a, **k: time.sleep(60)   # a slow load\n"
+              "from qpeft.core.cli.main import cli\n"
+              "cli.main(sys.argv[1:])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, *tiny_run(tiny_dir, tmp_path, "x")],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lines.append(proc.stderr.readline())
+        if lines[-1].startswith("qpeft: loading") or not lines[-1]:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(30) == 143, lines + [rest]
+    assert rest.strip().splitlines()[-1:] == ["Aborted (SIGTERM)."], rest
+    assert not (tmp_path / ".x.lock").exists()

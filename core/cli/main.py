@@ -5,6 +5,7 @@ stderr with exit status 2; ``--debug`` (or ``QPEFT_DEBUG=1``) shows the tracebac
 """
 import errno
 import os
+import signal
 import sys
 
 import click
@@ -30,11 +31,15 @@ class QpeftGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or os.environ.get("QPEFT_DEBUG") == "1"
         extra["standalone_mode"] = False
+        previous = _catch_sigterm()
         try:
             code = super().main(args=args, prog_name=prog_name, **extra)
         except click.exceptions.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(130)
+        except Terminated:   # outside training (which defers signals and checkpoints first)
+            click.echo("Aborted (SIGTERM).", err=True)
+            sys.exit(143)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
@@ -54,7 +59,28 @@ class QpeftGroup(click.Group):
                 raise
             click.echo(f"Error: {disk_error(exc, exc.filename or 'a file')}", err=True)
             sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside training (loading a model, evaluating)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """SIGTERM raises :class:`Terminated` (so it ends with a line, as Ctrl-C does); returns the
+    handler it replaced, or None off the main thread, where signals cannot be handled."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminated)
 
 
 @click.group("qpeft", cls=QpeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
