@@ -33,6 +33,10 @@ class Adapter(Plugin):
     slots: ClassVar[Collection[str]] = frozenset()  # method: the pieces modifiers may replace
     modifies: ClassVar[str] = ""              # modifier: the slot it fills
     needs_source_weights: ClassVar[bool] = False  # wants each quantized layer's original W
+    # Its effect is a rescaling near 1 of activations (IA³'s l, DoRA's m/‖W'‖): in a bf16
+    # stream a factor within half an ulp of 1 (0.2–0.4 %) rounds away, so the model keeps
+    # float32 activations between layers and only the quantized matmuls run in bf16.
+    needs_float32_activations: ClassVar[bool] = False
 
     @classmethod
     def listing_extras(cls) -> dict:
@@ -176,6 +180,13 @@ class Composition:
         """True when a part (LoftQ, say) must see the full-precision W of each layer: the
         quantizer then keeps it as ``layer.source_weight`` (on CPU) until attach."""
         return any(part.needs_source_weights for part in self.parts)
+
+    @property
+    def needs_float32_activations(self) -> bool:
+        """True when a part's effect would be rounded away by activations in the compute
+        dtype (see :attr:`Adapter.needs_float32_activations`): the layers left unquantized
+        are then held in float32, and the model's stream with them."""
+        return any(part.needs_float32_activations for part in self.parts)
 
     def attach(self, model) -> None:
         self.method.attach(model, self.modifiers)

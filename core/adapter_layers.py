@@ -19,6 +19,10 @@ ALL_LINEAR = "all-linear"
 
 
 # -- layers ------------------------------------------------------------------------------
+class TensorShapeError(QpeftError):
+    """A saved adapter tensor whose shape does not fit the layer it is loaded into."""
+
+
 class AdapterLayer(nn.Module):
     """A frozen QuantizedLinear ``base`` plus trainable adapter tensors.
 
@@ -37,6 +41,10 @@ class AdapterLayer(nn.Module):
         missing = sorted(set(own) - set(tensors))
         if missing:
             raise QpeftError(f"saved adapter lacks {', '.join(missing)} for a {type(self).__name__}")
+        for key, tensor in own.items():
+            if tensors[key].numel() != tensor.numel():
+                raise TensorShapeError(f"{key} is {list(tensors[key].shape)}, but this model's layer needs "
+                                       f"{list(tensor.shape)}")
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(tensors[key].to(tensor.dtype).reshape(tensor.shape))

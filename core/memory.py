@@ -37,9 +37,14 @@ def peaks(device: torch.device) -> dict:
     return out
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device, model=None):
     """bf16 autocast on CUDA (where it is supported); nothing on CPU, where the quantizer's
-    compute dtype already decides the precision."""
+    compute dtype already decides the precision, nor for a model that holds its activations
+    in float32 (``needs_float32_activations``, or ``compute_dtype=float32``): autocast would
+    run its attention and head in bf16 in training but not in evaluation."""
+    embeddings = model.get_input_embeddings() if model is not None else None
+    if embeddings is not None and embeddings.weight.dtype == torch.float32:
+        return contextlib.nullcontext()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

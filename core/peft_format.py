@@ -193,7 +193,7 @@ def read_tensors(path: Path) -> dict:
 def load_tensors(model, directory) -> None:
     """Copy the tensors of ``adapter_model.safetensors`` into the model's adapter layers,
     each checked against the layer's own shape first."""
-    from qpeft.core.adapter_layers import adapter_layers
+    from qpeft.core.adapter_layers import TensorShapeError, adapter_layers
 
     path = Path(directory) / WEIGHTS
     if not path.is_file():
@@ -203,13 +203,11 @@ def load_tensors(model, directory) -> None:
     for name, layer in adapter_layers(model).items():
         head = f"{PREFIX}{name}."
         own = {k[len(head):]: t for k, t in saved.items() if k.startswith(head)}
-        for key, tensor in own.items():
-            need = layer.adapter_tensors().get(key)
-            if need is not None and tuple(tensor.shape) != tuple(need.shape):
-                raise QpeftError(f"{path}: {name}.{key} is {list(tensor.shape)}, but this model's layer needs "
-                                 f"{list(need.shape)}; the adapter was made for another base model "
-                                 f"(see base_model in {directory / MANIFEST})")
-        layer.load_adapter_tensors(own)
+        try:                  # the layer checks the shapes (QDyLoRA takes any rank ≤ its own)
+            layer.load_adapter_tensors(own)
+        except TensorShapeError as exc:
+            raise QpeftError(f"{path}: {name}.{exc}; the adapter was made for another base model "
+                             f"(see base_model in {directory / MANIFEST})") from None
         used.update(head + k for k in own)
     unused = sorted(set(saved) - used)
     if unused:

@@ -210,7 +210,8 @@ def load(cfg: RunConfig, p: Plan, device, world, say):
     """Stage 1: the model, quantized layer by layer as it is read; ``(model, tokenizer, facts)``."""
     say(f"qpeft: loading {cfg.model or models.EMBEDDED} on {device}")
     model, tokenizer, loaded = streaming.load_quantized(cfg.model, p.quantizer, device, progress=world.is_main,
-                                                        keep_source=p.adapter.needs_source_weights)
+                                                        keep_source=p.adapter.needs_source_weights,
+                                                        float32_activations=p.adapter.needs_float32_activations)
     facts = {"model_mb_before": round(loaded["model_mb_before"], 2),
              "quantized_model_mb": round(model_bytes(model) / 2**20, 2),
              "quantize_seconds": round(loaded["quantize_seconds"], 2)}

@@ -54,8 +54,11 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x·Ŵᵀ + b``, the matmul in the compute dtype, the result in ``x``'s dtype (float32
+        activations stay float32 between layers; see ``needs_float32_activations``)."""
         y = self.matmul(x.to(self.compute_dtype))
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.compute_dtype}"
@@ -66,8 +69,9 @@ class QuantizerOptions:
     """Options every quantizer has; a plugin's Options subclasses this."""
 
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
-        "auto", "dtype of matmuls and of the layers left unquantized; auto: bfloat16 where the "
-                "hardware computes it natively (CUDA; CPUs with AVX-512 BF16 or AMX), else float32")
+        "auto", "dtype of matmuls and of the layers left unquantized (float32 for adapters that "
+                "need float32 activations: ia3, dora); auto: bfloat16 where the hardware computes it "
+                "natively (CUDA; CPUs with AVX-512 BF16 or AMX), else float32")
     include_lm_head: bool = option(False, "also quantize the output projection (lm_head)")
 
     def __post_init__(self):
@@ -117,12 +121,14 @@ class Quantizer(Plugin):
 
     def quantize_model(self, model: nn.Module, device: str | torch.device = "cpu",
                        measure: bool = False, progress: bool = False,
-                       keep_source: bool = False) -> list[LayerStats]:
+                       keep_source: bool = False, float32_activations: bool = False) -> list[LayerStats]:
         """Replace the target layers in place, one at a time on ``device``; cast the rest.
 
         With ``measure``, each layer's relative reconstruction error is computed before its
         full-precision weight is freed. With ``keep_source``, that weight is kept on CPU as
-        ``layer.source_weight`` for an adapter that needs it (LoftQ), which drops it.
+        ``layer.source_weight`` for an adapter that needs it (LoftQ), which drops it. With
+        ``float32_activations`` the rest stays float32 instead of the compute dtype (an adapter
+        that declares ``needs_float32_activations``: IA³, DoRA).
         """
         from tqdm.auto import tqdm
 
@@ -138,7 +144,7 @@ class Quantizer(Plugin):
             if not isinstance(module, QuantizedLinear):
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(False)
-        cast_unquantized(model, self.compute_dtype, device)
+        cast_unquantized(model, torch.float32 if float32_activations else self.compute_dtype, device)
         return stats
 
     def quantize_one(self, name: str, linear: nn.Linear, device: str | torch.device = "cpu",

@@ -53,7 +53,8 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None, record: RunRe
         quantizer, composition = record.build_quantizer(reg), record.composition(reg)
     check_rank(composition, rank, f"this run used '{record.adapter_spec}'")
     model, tokenizer, _ = streaming.load_quantized(cfg.model, quantizer, device,
-                                                   keep_source=composition.needs_source_weights)
+                                                   keep_source=composition.needs_source_weights,
+                                                   float32_activations=composition.needs_float32_activations)
     composition.attach(model)
     composition.method.load(model, run_dir / "adapter")
     model.to(device).eval()
@@ -74,7 +75,8 @@ def onto_base(cfg, plan, device: str = "cpu", rank: int | None = None) -> Rebuil
     init = plan.init
     check_rank(plan.adapter, rank, f"{init.directory} holds '{plan.adapter.method.name}'")
     model, tokenizer, _ = streaming.load_quantized(cfg.model, plan.quantizer, device,
-                                                   keep_source=plan.adapter.needs_source_weights)
+                                                   keep_source=plan.adapter.needs_source_weights,
+                                                   float32_activations=plan.adapter.needs_float32_activations)
     plan.adapter.attach(model)
     init.load(model)
     model.to(device).eval()

@@ -41,7 +41,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 
 def load_quantized(spec: str | None, quantizer, device: str | torch.device = "cpu",
-                   keep_source: bool = False, progress: bool = False, measure: bool = False):
+                   keep_source: bool = False, progress: bool = False, measure: bool = False,
+                   float32_activations: bool = False):
     """``(model, tokenizer, facts)``: the model of ``spec`` quantized by ``quantizer`` on
     ``device``, never held in full precision.
 
@@ -49,7 +50,10 @@ def load_quantized(spec: str | None, quantizer, device: str | torch.device = "cp
     directory, a Hugging Face id, a .gguf file — converted and cached as safetensors
     once). ``keep_source`` keeps each quantized layer's float32 weight on CPU as
     ``layer.source_weight`` (LoftQ), as ``quantize_model`` does; ``progress`` shows a bar
-    over the quantized layers. ``facts`` holds
+    over the quantized layers. ``float32_activations`` keeps every tensor outside the
+    quantized layers (embeddings, norms, head) in float32, so the activations between
+    layers are float32 and only the quantized matmuls run in the compute dtype (see
+    :attr:`qpeft.core.adapter.Adapter.needs_float32_activations`). ``facts`` holds
     ``model_mb_before`` (the model's size in its checkpoint dtypes, from tensor headers),
     ``quantize_seconds`` (reading and quantizing every tensor) and ``load_seconds`` (all
     of it, with building the module tree and the tokenizer); with ``measure``, also
@@ -66,8 +70,9 @@ def load_quantized(spec: str | None, quantizer, device: str | torch.device = "cp
     keys = checkpoint.keys_for(model)
     size_before = checkpoint.bytes_for(model, keys)
     filled = time.perf_counter()
-    stats = _fill(model, checkpoint, keys, quantizer, device, keep_source, measure, progress)
-    cast_unquantized(model, quantizer.compute_dtype, device)  # the computed buffers (RoPE)
+    plain = torch.float32 if float32_activations else quantizer.compute_dtype
+    stats = _fill(model, checkpoint, keys, quantizer, plain, device, keep_source, measure, progress)
+    cast_unquantized(model, plain, device)  # the computed buffers (RoPE)
     now = time.perf_counter()
     facts = {"model_mb_before": round(size_before / 2**20, 2),
              "quantize_seconds": round(now - filled, 2), "load_seconds": round(now - started, 2)}
@@ -196,8 +201,9 @@ def _place(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     return view.to(dtype=dtype, copy=view.device.type == "cpu")
 
 
-def _fill(model, checkpoint: Checkpoint, keys, quantizer, device, keep_source, measure, progress):
-    """Load every tensor outside the target linears in the compute dtype, then quantize each
+def _fill(model, checkpoint: Checkpoint, keys, quantizer, plain, device, keep_source, measure, progress):
+    """Load every tensor outside the target linears in ``plain`` (the dtype of the layers left
+    unquantized), then quantize each
     target from its float32 weight; returns the targets' LayerStats.
 
     The plain tensors go first: the largest of them (embedding, lm_head) are then copied
@@ -207,7 +213,7 @@ def _fill(model, checkpoint: Checkpoint, keys, quantizer, device, keep_source, m
     from tqdm.auto import tqdm
 
     targets = quantizer.targets(model)
-    _fill_plain(model, checkpoint, keys, quantizer.compute_dtype, device, {id(t[3]) for t in targets})
+    _fill_plain(model, checkpoint, keys, plain, device, {id(t[3]) for t in targets})
     stats = []
     for name, parent, attr, meta in tqdm(targets, unit="layer", disable=not progress,
                                          desc=f"loading and quantizing ({quantizer.name})"):

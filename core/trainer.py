@@ -230,7 +230,7 @@ class Trainer:
         loss_sum = 0.0
         for batch in micro_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with memory.autocast(self.device):
+            with memory.autocast(self.device, self.model):
                 s, _ = token_loss_sum(self.model, **batch)
             (s / total * self.dist.world).backward()   # world × mean: all-reduce averages
             loss_sum += s.item()

@@ -6,6 +6,7 @@ import pytest
 from qpeft import testing
 from qpeft.core import registry
 from qpeft.core.evaluator import Evaluator
+from qpeft.plugins.adapters.ia3 import IA3
 from qpeft.plugins.adapters.lora import LoRA, LoRALinear
 from qpeft.plugins.quantizers.none import NoQuantization, PlainLinear
 
@@ -86,6 +87,21 @@ def test_the_kit_passes_a_correct_method_and_reports_each_quantizer():
 def test_a_broken_adapter_fails_naming_the_plugin_and_the_fault(cls, message):
     with pytest.raises(AssertionError, match=message):
         check_lora_like(cls)
+
+
+class RoundedIA3(IA3):
+    """IA³ without ``needs_float32_activations``: in bf16 its l ≈ 1 ± 0.1 % rounds to 1, the
+    bf16 model stays the base while its merged float32 export moves (issue 23)."""
+
+    name = "rounded-ia3"
+    needs_float32_activations = False
+
+
+def test_an_update_that_bf16_activations_round_away_fails():
+    with pytest.raises(AssertionError, match=r"quantizer 'none' × adapter 'rounded-ia3': in bf16 the trained "
+                                             r"update moves the logits -?0\.0\d× as far .* declare needs_float32"):
+        testing.check_adapter(RoundedIA3, BUILTINS, quantizers=["none"])
+    assert testing.check_adapter(IA3, BUILTINS, quantizers=["none"]) == {"none": "ok"}
 
 
 class HalfLinear(PlainLinear):

@@ -13,6 +13,11 @@ The norm is taken per output feature over the input dimension (PEFT's
 ``lora_magnitude_vector``, shape [out]) and treated as a constant in backward (§4.3),
 so gradients flow to m, A and B only through the numerator.
 
+Precision: the factor m/‖W + s·B·A‖ starts at exactly 1 and moves by fractions of a
+percent; an activation in bf16 cannot carry a change below half its ulp (0.2–0.4 %), so
+DoRA declares ``needs_float32_activations``: the stream between layers stays float32 and
+only the quantized matmuls run in the compute dtype, as the merged float32 export does.
+
 Efficiency: the out×in weight is never materialised per step. For row i,
 
     ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ
@@ -62,7 +67,7 @@ class DoRALinear(LoRALinear):
         scale = self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)
         base = self.base.matmul(x.to(self.base.compute_dtype))
         low = self.low_rank()                           # (A, B, s)
-        out = (scale * add_low_rank(base.to(low[0].dtype), self.dropout(x), *low)).to(base.dtype)
+        out = (scale * add_low_rank(base.to(low[0].dtype), self.dropout(x), *low)).to(x.dtype)
         return out if self.base.bias is None else out + self.base.bias
 
     def merged_weight(self) -> torch.Tensor:
@@ -79,6 +84,7 @@ class DoRA(LowRankMethod):
     name = "dora"
     description = "DoRA: LoRA on the direction plus a learned magnitude per row (Liu et al. 2024)"
     layer_cls = DoRALinear
+    needs_float32_activations = True   # m/‖W + s·B·A‖ starts at 1: bf16 rounds its change away
 
     @classmethod
     def from_peft_config(cls, config: dict) -> dict | None:

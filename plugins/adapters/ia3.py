@@ -10,6 +10,13 @@ Each vector starts at ones, so the adapted model starts equal to the base model.
 PEFT's Llama defaults, ``k_proj`` and ``v_proj`` are scaled at their output and
 ``down_proj`` (a "feed-forward" module) at its input. IA³ has no low-rank update, hence
 no slots: it composes with no modifier.
+
+Precision: each l starts at 1 and moves by fractions of a percent in training; rounded
+into a bf16 activation (half an ulp is 0.2–0.4 %) most of that change is lost, so the
+bf16 model scores as if barely trained while its merged float32 export does not (measured
+on the embedded model after 10 nf4 steps: perplexity 28.7 in bf16 against 25.4 merged).
+IA³ therefore declares ``needs_float32_activations``: the activations stay float32 between
+layers and only the quantized matmuls run in the compute dtype (25.30 against 25.39).
 """
 import dataclasses
 from typing import Literal
@@ -92,6 +99,7 @@ class IA3(AdapterMethod):
     slots = frozenset()
     Options = IA3Options
     peft_type = "IA3"
+    needs_float32_activations = True   # l ≈ 1 ± 0.3 % is rounded away in a bf16 stream
 
     def attach(self, model: nn.Module, modifiers: list) -> None:
         """Wrap each target layer in IA3Input or IA3Output; only the vectors stay trainable."""
