@@ -88,8 +88,9 @@ def qpeft_step(a, quant, method, batch, device):
     reg = registry.default()
     quantizer = reg.get("quantizer", quant).from_values({"compute_dtype": a.dtype})
     adapter = compose(qpeft_spec(method, a.r, a.alpha), reg)
-    model = streaming.load_quantized(a.model, quantizer, device,
-                                     keep_source=adapter.needs_source_weights)[0]
+    model = streaming.load_quantized(a.model, quantizer, device,   # as qpeft run's pipeline.load
+                                     keep_source=adapter.needs_source_weights,
+                                     float32_activations=adapter.needs_float32_activations)[0]
     seed_everything(0)
     adapter.attach(model)
     cfg = TrainConfig(steps=a.warmup + a.steps, batch_size=a.batch, lr=a.lr, weight_decay=0.0,

@@ -136,8 +136,8 @@ def add_low_rank(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
     update is never a tensor of its own and no elementwise pass reads it back."""
     if out.dtype != b.dtype or not out.is_contiguous():
         return out + low_rank_update(x, a, b, s).to(out.dtype)
-    z = x.to(a.dtype) @ a.t()
-    out.view(-1, out.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), b.t(), alpha=s)
+    z = x.to(a.dtype) @ a.t()    # bf16 under CUDA autocast, which leaves in-place addmm_ alone
+    out.view(-1, out.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]).to(out.dtype), b.t(), alpha=s)
     return out
 
 
