@@ -15,6 +15,7 @@ costs a second, not a conversion.
 """
 import dataclasses
 import json
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ from qpeft.core.plugin import Plugin
 from qpeft.core.quantizer import model_bytes
 from qpeft.core.run_record import RunRecord
 from qpeft.core.spec import parse, split_list
-from qpeft.core.trainer import Trainer, seed_everything
+from qpeft.core.trainer import Interrupted, Stopped, StopAtOnce, Trainer, seed_everything
 
 
 @dataclasses.dataclass
@@ -172,8 +173,8 @@ def run(cfg: RunConfig, say=print) -> dict:
     p = plan(cfg)
     rundir.inside(cfg.output_dir, cfg.run_name)
     world = distributed.current()
-    if not world.is_main:   # rank 0 owns the directory; the others follow it
-        return _run_locked(cfg, p, world, "resume" if cfg.resume else "new", say)
+    if not world.is_main:   # rank 0 owns the directory and speaks; the others follow it quietly
+        return _run_locked(cfg, p, world, "resume" if cfg.resume else "new", _quiet)
     with rundir.RunLock(cfg.output_dir, cfg.run_name):
         return _run_locked(cfg, p, world, run_mode(cfg), say)
 
@@ -193,17 +194,52 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     trainer, stats = trainer_for(cfg, p, model, tokenizer, run_dir, device, say,
                                  run_record.predates_manifests(record.qpeft_version))
     result = trainer.train(resume=mode == "resume")
-    facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
-                 tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
-    if world.is_main:
-        facts["adapter_disk_mb"] = save_adapter(p, model, run_dir, record, trainer)
-    after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
-    after.update(evaluate_variants(p, model, ctx, facts, say))
-    out = report.build(record, before, after, facts, result, stats, p.evaluators)
-    if world.is_main:
-        report.write(run_dir, out, result.history)
-        say(f"qpeft: done; report at {run_dir / 'report.md'}")
+    saved = []    # the adapter, once written by this process
+    try:
+        with StopAtOnce() as stops:    # a signal now stops at once, with the line saying how to finish
+            facts.update(memory.peaks(trainer.device), train_seconds=round(result.seconds, 2),
+                         tokens_per_s=round(result.tokens / max(result.seconds, 1e-9), 1))
+            if world.is_main:
+                with stops.held():      # the adapter is written whole, then the signal acts
+                    facts["adapter_disk_mb"] = save_adapter(p, model, run_dir, record, trainer)
+                    saved.append(run_dir / "adapter")
+            after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
+            after.update(evaluate_variants(p, model, ctx, facts, say))
+            out = report.build(record, before, after, facts, result, stats, p.evaluators)
+            if world.is_main:
+                with stops.held():
+                    report.write(run_dir, out, result.history)
+                say(f"qpeft: done; report at {run_dir / 'report.md'}")
+    except Stopped as stop:
+        raise _stopped_after_training(stop.signum, trainer, run_dir, saved) from None
     return out
+
+
+def _stopped_after_training(signum: int, trainer, run_dir: Path, saved: list) -> Interrupted:
+    """SIGINT/SIGTERM after training finished (saving the adapter, evaluating, reporting): the
+    trained state is checkpointed unless it already is (``--save-every 0``), so that
+    ``--resume`` finishes the run without training again; the line says how to go on."""
+    from qpeft.core.checkpoint import CheckpointError
+
+    name = signal.Signals(signum).name
+    where = f"{name}: stopped after training finished (step {trainer.step}/{trainer.total_steps}), " \
+            "before the report was written"
+    try:
+        kept = trainer.checkpoint_trained()   # rank 0 writes it; the others name it
+    except CheckpointError as exc:
+        reason = str(exc).split(";")[0]    # what failed, without the hint for training
+        if saved:
+            return Interrupted(signum, f"{where}; the adapter is saved in {saved[0]} but no checkpoint could "
+                                       f"be written ({reason}), so qpeft run --resume would train again from step 0; "
+                                       f"evaluate the adapter with: qpeft eval {run_dir}")
+        return Interrupted(signum, f"{where}; the adapter is not saved and no checkpoint could be written ({reason}); "
+                                   f"qpeft run --resume {run_dir} trains again from step 0")
+    return Interrupted(signum, f"{where}, with a checkpoint ({kept.name}); finish with: qpeft run --resume "
+                               f"{run_dir} (it does not train again: it saves the adapter, evaluates and reports)")
+
+
+def _quiet(line: str) -> None:
+    """``say`` for the processes other than rank 0 under torchrun: rank 0 prints the lines."""
 
 
 def load(cfg: RunConfig, p: Plan, device, world, say):

@@ -41,6 +41,54 @@ class Interrupted(QpeftError):
         self.exit_code = 128 + signum        # 130 for SIGINT, 143 for SIGTERM
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM after training (saving, evaluating, reporting): raised at once by
+    :class:`StopAtOnce`, a BaseException so that no evaluator's ``except`` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopAtOnce:
+    """Inside ``with StopAtOnce() as stops:`` SIGINT/SIGTERM raise :class:`Stopped` at once,
+    except within ``with stops.held():`` (writing a file that must not be left half-written),
+    where the signal is kept and raised when that block ends. The previous handlers are back
+    when the outer block ends, so a signal while the caller handles ``Stopped`` acts as before."""
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.holding, self.pending, self.previous = False, None, {}
+
+    def __enter__(self) -> "StopAtOnce":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.getsignal(s) for s in self.kinds}
+            for s in self.kinds:
+                signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handler(self, signum, frame):
+        if self.holding:
+            self.pending = self.pending or signum
+            return
+        raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            raise Stopped(self.pending)
+
+
 def seed_everything(seed: int) -> None:
     """Seed every generator a run draws from (adapter init, dropout, sampling)."""
     torch.manual_seed(seed)
@@ -145,11 +193,15 @@ class Trainer:
                    disable=not self.cfg.progress or not self.dist.is_main)
         started = time.perf_counter()
         with self._deferred_signals():
-            loss, tokens = self._loop(bar, started)
-        bar.close()
+            try:
+                loss, tokens = self._loop(bar, started)
+            finally:
+                bar.close()     # an error's line starts on a line of its own
         self.model.eval()
         if self.cfg.save_every:
             self._checkpoint_unless_saved()
+        if math.isnan(loss):    # resumed at its last step (a finished run): nothing trained now
+            loss = next((r["loss"] for r in reversed(self.history) if "loss" in r), loss)
         return TrainResult(self.step, loss, time.perf_counter() - started, tokens, self.history)
 
     def _loop(self, bar, started: float) -> tuple[float, int]:
@@ -259,9 +311,30 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_mb']:.0f}MB")
         if self.dist.is_main:
+            self._write_metrics(json.dumps(record) + "\n", "a")
+
+    def _write_metrics(self, text: str, mode: str) -> None:
+        """Append to (``a``) or rewrite (``w``) ``metrics.jsonl``; a full disk is one line
+        naming the file and how to continue."""
+        path = self.run_dir / "metrics.jsonl"
+        try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(path, mode) as f:
+                f.write(text)
+        except OSError as exc:
+            raise self._disk_error(exc, path) from None
+
+    def _disk_error(self, exc: OSError, path: Path) -> QpeftError:
+        """``rundir.disk_error`` for ``path``, with how to continue the run: from its newest
+        checkpoint, or (none yet) from step 0."""
+        from qpeft.core.rundir import disk_error
+
+        error = disk_error(exc, str(path))
+        newest = checkpoint.latest(self.run_dir / "checkpoints")
+        if newest is not None:
+            return QpeftError(f"{error}; the run continues from {newest.name} with: qpeft run --resume {self.run_dir}")
+        return QpeftError(f"{error}; there is no checkpoint yet: qpeft run --resume {self.run_dir} "
+                          "starts it again from step 0")
 
     # -- checkpoints ---------------------------------------------------------------------
     def trainable_state(self) -> dict:
@@ -290,6 +363,12 @@ class Trainer:
         if directory in self.damaged or not directory.exists():
             self.save_checkpoint()
 
+    def checkpoint_trained(self) -> Path:
+        """The checkpoint of the current step, written now unless it is already there
+        (``--save-every 0``); raises ``CheckpointError`` when it cannot be written."""
+        self._checkpoint_unless_saved()
+        return self._checkpoint_dir()
+
     def _set_damaged_aside(self, written: Path, replaced: Path | None) -> None:
         """The damaged checkpoints the resume fell back past, renamed ``damaged-step-N`` now
         that a good checkpoint is written after them (one line each): a damaged newest
@@ -312,7 +391,7 @@ class Trainer:
             if self.dist.is_main:
                 self.say(f"qpeft: no usable checkpoint under {self.run_dir / 'checkpoints'}; "
                          "restarting this run from step 0 in place")
-                (self.run_dir / "metrics.jsonl").write_text("")
+                self._write_metrics("", "w")
             return
         _, state = found
         named = dict(self.model.named_parameters())
@@ -328,8 +407,7 @@ class Trainer:
         random.setstate((3, tuple(state["rng"]["python"]), state["rng"]["python_pos"]))
         self.history = list(state["history"])
         if self.dist.is_main:  # drop lines logged after that checkpoint by the killed run
-            lines = "".join(json.dumps(r) + "\n" for r in self.history)
-            (self.run_dir / "metrics.jsonl").write_text(lines)
+            self._write_metrics("".join(json.dumps(r) + "\n" for r in self.history), "w")
 
 
     def _apply_settings(self) -> None:

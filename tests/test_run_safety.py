@@ -311,3 +311,75 @@ def test_a_checkpoint_without_manifest_loads_unverified_only_for_a_run_an_older_
     steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert json.loads((copy / "config.json").read_text())["qpeft_version"] == "0.0.9"
+
+
+class OtherRank:
+    """``distributed.current()`` for process ``rank`` of two, its collectives kept local."""
+
+    def __new__(cls, rank):
+        from qpeft.core import distributed
+
+        class Local(distributed.World):
+            def _reduce(self, value, op):
+                return float(value)
+
+            def broadcast(self, tensors):
+                pass
+
+            def average_grads(self, params):
+                pass
+
+            def barrier(self):
+                pass
+        return Local(rank, 2)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_data_parallelism_only_rank_0_prints_the_evaluation_lines(tiny_dir, tmp_path, monkeypatch, rank):
+    from qpeft.core import distributed
+
+    monkeypatch.setattr(distributed, "current", lambda: OtherRank(rank))
+    result = invoke(*tiny_run(tiny_dir, tmp_path, "x"))
+    assert result.exit_code == 0, result.output
+    said = [line.strip() for line in result.stderr.splitlines() if "perplexity" in line or "qpeft:" in line]
+    if rank == 0:
+        assert [line.split(":")[0] for line in said if "perplexity" in line] == ["before perplexity",
+                                                                                 "after perplexity"], said
+        assert said[-1].startswith("qpeft: done")
+    else:
+        assert said == [] and not (tmp_path / "x").exists()    # rank 0 speaks and writes the run
+
+
+@pytest.mark.parametrize("failing, hint", [
+    (1, "there is no checkpoint yet: qpeft run --resume {run} starts it again from step 0"),
+    (3, "the run continues from step-000002 with: qpeft run --resume {run}")])
+def test_a_full_disk_at_a_metrics_write_names_the_file_and_how_to_continue(tiny_dir, tmp_path, monkeypatch,
+                                                                          failing, hint):
+    import builtins
+    import errno
+
+    from qpeft.core import trainer
+
+    appends = []
+
+    class Full:   # a write on a full disk: the OSError names no file
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            appends.append(path)
+            if len(appends) == failing:
+                return Full()
+        return builtins.open(path, mode, *a, **k)
+    monkeypatch.setattr(trainer, "open", open_, raising=False)
+    run = tmp_path / "x"
+    line = one_line_error(invoke(*tiny_run(tiny_dir, tmp_path, "x")), after_progress=True)
+    assert line == (f"Error: cannot write {run / 'metrics.jsonl'}: No space left on device; free some space; "
+                    + hint.format(run=run))

@@ -84,3 +84,77 @@ def test_the_lock_is_released_when_its_holder_dies(tmp_path):
     with RunLock(tmp_path, "r"):
         assert (tmp_path / ".r.lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".r.lock").exists()
+
+
+def signal_at_the_final_evaluation(monkeypatch, sig):
+    """``sig`` arrives while the evaluators run after training (the adapter is saved by then)."""
+    from qpeft.core import pipeline
+
+    real = pipeline.evaluate
+
+    def evaluate(evaluators, ctx, say):
+        if ctx.stage == "after":
+            os.kill(os.getpid(), sig)
+            time.sleep(5)                       # the signal's handler acts during the sleep
+        return real(evaluators, ctx, say)
+    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+
+
+def run_args(tiny_dir, out, name, *extra):
+    return ["run", "--model", str(tiny_dir), "--quant", "none:compute_dtype=float32", "--adapter", "lora:r=4",
+            "--evaluators", "perplexity", "--eval-limit", "2", "--steps", "3", "--batch-size", "2",
+            "--log-every", "1", "--output-dir", str(out), "--name", name, *extra]
+
+
+@pytest.mark.parametrize("sig, code, save_every", [(signal.SIGINT, 130, "2"), (signal.SIGTERM, 143, "0")])
+def test_a_signal_during_the_final_evaluation_says_how_to_finish(tiny_dir, tmp_path, monkeypatch, sig, code,
+                                                                 save_every):
+    from click.testing import CliRunner
+
+    from qpeft.core.cli.main import cli
+
+    run = tmp_path / "r"
+    with monkeypatch.context() as patched:
+        signal_at_the_final_evaluation(patched, sig)
+        result = CliRunner().invoke(cli, run_args(tiny_dir, tmp_path, "r", "--save-every", save_every))
+    assert result.exit_code == code, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"qpeft: {sig.name}: stopped after training finished (step 3/3), before the report was "
+                    f"written, with a checkpoint (step-000003); finish with: qpeft run --resume {run} (it does "
+                    "not train again: it saves the adapter, evaluates and reports)"), result.stderr[-2000:]
+    assert (run / "checkpoints" / "step-000003" / "COMPLETE").is_file()    # written on the way out with 0
+    assert not (run / "report.json").exists() and not (tmp_path / ".r.lock").exists()
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    resumed = CliRunner().invoke(cli, ["run", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "restarting" not in resumed.stderr and "after perplexity" in resumed.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]                                               # not trained again
+    report = json.loads((run / "report.json").read_text())
+    assert report["training"]["steps"] == 3 and report["training"]["final_loss"] > 0   # the last step's loss
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_a_signal_in_the_final_evaluation_without_a_checkpoint_points_to_eval(tiny_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from qpeft.core import trainer
+    from qpeft.core.checkpoint import CheckpointError
+    from qpeft.core.cli.main import cli
+
+    def full(self):
+        raise CheckpointError(f"cannot write checkpoint step-000003 under {run / 'checkpoints'}: No space left "
+                              "on device; free space there, or pass --save-every 0 to train without checkpoints")
+    run = tmp_path / "r"
+    monkeypatch.setattr(trainer.Trainer, "save_checkpoint", full)
+    signal_at_the_final_evaluation(monkeypatch, signal.SIGINT)
+    result = CliRunner().invoke(cli, run_args(tiny_dir, tmp_path, "r", "--save-every", "0"))
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"qpeft: SIGINT: stopped after training finished (step 3/3), before the report was written; the adapter "
+        f"is saved in {run / 'adapter'} but no checkpoint could be written (cannot write checkpoint step-000003 "
+        f"under {run / 'checkpoints'}: No space left on device), so qpeft run --resume would train again from "
+        f"step 0; evaluate the adapter with: qpeft eval {run}")
+    monkeypatch.undo()
+    evaluated = CliRunner().invoke(cli, ["eval", str(run)])               # the hint works
+    assert evaluated.exit_code == 0 and "after perplexity" in evaluated.stderr, evaluated.output
