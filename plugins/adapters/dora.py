@@ -85,6 +85,9 @@ class DoRA(LowRankMethod):
     description = "DoRA: LoRA on the direction plus a learned magnitude per row (Liu et al. 2024)"
     layer_cls = DoRALinear
     needs_float32_activations = True   # m/‖W + s·B·A‖ starts at 1: bf16 rounds its change away
+    peft_note = ("PEFT 0.21 computes a trained DoRA adapter over a bitsandbytes 4-bit base wrongly (perplexity "
+                 "807,000 against 4.57 over the same weights dequantized, docs/adapters.md); load it in PEFT over "
+                 "a full-precision or dequantized base, or ship the merged model: qpeft export RUN --merge")
 
     @classmethod
     def from_peft_config(cls, config: dict) -> dict | None:
