@@ -37,6 +37,9 @@ class Adapter(Plugin):
     # stream a factor within half an ulp of 1 (0.2–0.4 %) rounds away, so the model keeps
     # float32 activations between layers and only the quantized matmuls run in bf16.
     needs_float32_activations: ClassVar[bool] = False
+    # One line ``qpeft export`` prints beside an adapter written in PEFT's format: where PEFT
+    # cannot serve it as qpeft does, and what to use instead ("" when it can everywhere).
+    peft_note: ClassVar[str] = ""
 
     @classmethod
     def listing_extras(cls) -> dict:

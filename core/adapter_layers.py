@@ -169,9 +169,6 @@ class AdapterMethod(Adapter):
 
     role = "method"
     peft_type: ClassVar[str] = ""
-    # One line ``qpeft export`` prints beside an adapter written in PEFT's format: where PEFT
-    # cannot serve it as qpeft does, and what to use instead ("" when it can everywhere).
-    peft_note: ClassVar[str] = ""
     modifiers: list = []        # the modifiers it was attached with (an instance's own list, set by attach)
 
     def peft_config(self, model: nn.Module) -> dict:

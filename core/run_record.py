@@ -203,7 +203,7 @@ def _plugin_changes(flag: str, old: tuple, new: tuple) -> list[str]:
     out = []
     for a, b in zip(old, new):
         va, vb = (json.loads(json.dumps(p.options, default=str)) for p in (a, b))
-        out += [f"{flag} {a.name}:{key} was {_value(va[key])}, now {_value(vb[key])}"
+        out += [f"{flag}: {a.name}'s {key} was {_value(va[key])}, now {_value(vb[key])}"
                 for key in va if key in vb and va[key] != vb[key]]
     return out
 

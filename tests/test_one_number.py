@@ -22,8 +22,8 @@ from qpeft.core.rebuild import rebuild
 peft = pytest.importorskip("peft")
 
 
-def finished_run(tiny_dir, out, adapter):
-    cfg = config.build(None, {"model": tiny_dir, "quant": "nf4:compute_dtype=bfloat16", "adapter": adapter,
+def finished_run(tiny_dir, out, adapter, quant="nf4:compute_dtype=bfloat16"):
+    cfg = config.build(None, {"model": tiny_dir, "quant": quant, "adapter": adapter,
                               "name": adapter.split(":")[0], "evaluators": "perplexity", "eval_limit": 6,
                               "steps": 3, "batch_size": 4, "lr": 3e-3, "save_every": 0,
                               "output_dir": str(out), "progress": False})
@@ -31,9 +31,11 @@ def finished_run(tiny_dir, out, adapter):
     return report["after"]["perplexity"]["perplexity"], out / cfg.name
 
 
-@pytest.mark.parametrize("adapter", ["ia3", "dora:r=4", "lora:r=4"])
-def test_after_eval_merged_and_peft_give_one_number(tiny_dir, tmp_path, adapter):
-    after, run_dir = finished_run(tiny_dir, tmp_path, adapter)
+@pytest.mark.parametrize("adapter, quant", [
+    ("ia3", "nf4:compute_dtype=bfloat16"), ("dora:r=4", "nf4:compute_dtype=bfloat16"),
+    ("lora:r=4", "nf4:compute_dtype=bfloat16")])
+def test_after_eval_merged_and_peft_give_one_number(tiny_dir, tmp_path, adapter, quant):
+    after, run_dir = finished_run(tiny_dir, tmp_path, adapter, quant)
     result = CliRunner().invoke(cli, ["eval", str(run_dir), "--evaluators", "perplexity"])
     assert result.exit_code == 0, result.output
     [saved] = run_dir.glob("eval-*.json")
@@ -45,7 +47,9 @@ def test_after_eval_merged_and_peft_give_one_number(tiny_dir, tmp_path, adapter)
     merged = value(built.composition.method.merge(built.model, torch.float32))
     assert merged == pytest.approx(after, rel=5e-3)
 
-    base = merge_model(streaming.load_quantized(cfg.model, plan.quantizer)[0], torch.float32)
+    base = merge_model(streaming.load_quantized(cfg.model, plan.quantizer,  # the same base the run had
+                                                float32_activations=plan.adapter.needs_float32_activations)[0],
+                       torch.float32)
     theirs = value(peft.PeftModel.from_pretrained(base, run_dir / "adapter").eval())
     assert theirs == pytest.approx(merged, rel=1e-4)   # both float32, the same weights
 

@@ -204,8 +204,8 @@ def copy_of(run, tmp_path, name="copy") -> Path:
 
 @pytest.mark.parametrize("flags, change", [
     (("--adapter", "dora"), "--adapter was lora, now dora"),
-    (("--adapter", "lora:r=8:dropout=0.1"), "--adapter lora:r was 4, now 8"),
-    (("--quant", "none:compute_dtype=bfloat16"), "--quant none:compute_dtype was float32, now bfloat16"),
+    (("--adapter", "lora:r=8:dropout=0.1"), "--adapter: lora's r was 4, now 8"),
+    (("--quant", "none:compute_dtype=bfloat16"), "--quant: none's compute_dtype was float32, now bfloat16"),
     (("--model", "tiny"), "--model was {model}, now tiny"),
     (("--optimizer", "paged_adamw_8bit"), "--optimizer was adamw, now paged_adamw_8bit"),
 ])

@@ -124,8 +124,7 @@ def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say) -> None:
         else:
             method.save(built.model, staged.path, built.record.adapter_meta())
             done = "adapter written to {} (PEFT format; qpeft_adapter.json has the rest)"
-            if method.peft_note:
-                done += f"\nnote: {method.peft_note}"
+            done += "".join(f"\nnote: {part.peft_note}" for part in built.composition.parts if part.peft_note)
         staged.commit()
     say(done.format(out))
 

@@ -27,6 +27,9 @@ class OLoRA(Adapter):
     description = "OLoRA: initialise B, A from the QR decomposition of W; base ← W − s·B·A (Büyükakyüz 2024)"
     role = "modifier"
     modifies = "init"
+    peft_note = ("OLoRA rewrote the frozen base (W − s·B₀·A₀): PeftModel over the original base is another model "
+                 "(perplexity 38.2 against 48.0, docs/adapters.md); load it over the base qpeft eval rebuilds, "
+                 "or ship the merged model: qpeft export RUN --merge")
 
     @torch.no_grad()
     def initialize(self, layer, scaling: float) -> None:
