@@ -341,3 +341,18 @@ def test_loftq_beats_plain_quantization_over_nf4_and_hqq(tiny, quant):
         assert layer.base.source_weight is None  # dropped after init
         loftq = torch.linalg.norm(originals[name] - (layer.base.dequantize() + layer.delta_weight())).item()
         assert loftq < 0.9 * plain[name], name
+
+
+def test_add_low_rank_under_bf16_autocast_adds_into_a_float32_output():
+    """Under CUDA (here CPU) bf16 autocast ``x·Aᵀ`` comes out bf16 while the in-place addmm_
+    into a float32 output is left alone: the factor is cast to the output's dtype (DoRA failed
+    at its first CUDA step without it, docs/benchmarks.md)."""
+    from qpeft.core.lowrank import add_low_rank
+
+    gen = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(*s, generator=gen) for s in ((4, 16), (2, 16), (8, 2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = add_low_rank(torch.zeros(4, 8), x, a, b, 0.5)
+    expected = 0.5 * (x @ a.t()) @ b.t()
+    assert got.dtype == torch.float32
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2
