@@ -29,18 +29,25 @@ class Rebuilt:
     cfg: object             # RunConfig
     model: object
     tokenizer: object
-    composition: object     # the loaded adapter Composition
+    composition: object     # the loaded adapter Composition (None: the base alone)
     rank: int | None = None
 
 
 def rebuild(run_dir, device: str = "cpu", rank: int | None = None, record: RunRecord | None = None,
-            plan=None) -> Rebuilt:
+            plan=None, no_adapter: bool = False) -> Rebuilt:
     """The run's quantized model with its saved adapter attached (and ``rank`` selected).
     ``record`` (read here when not given) is the one source of the quantizer and adapter;
     ``plan`` — ``pipeline.plan(cfg, record)``, when the caller made one — lends its
-    already-built plugins instead of building them again from the same record."""
+    already-built plugins instead of building them again from the same record.
+    ``no_adapter``: the run's quantized base alone (what its "before" evaluated), loaded as
+    the run loaded it (float32 activations for IA3/DoRA), nothing attached."""
     run_dir = Path(run_dir)
     record = record or RunRecord.read(run_dir)
+    if no_adapter:
+        reg = registry.default() if plan is None else None
+        quantizer = plan.quantizer if plan else record.build_quantizer(reg)
+        composition = plan.adapter if plan else record.composition(reg)
+        return _base_only(record.settings(run_dir), quantizer, composition, device, rank, run_dir, record)
     if not (run_dir / "adapter" / "qpeft_adapter.json").is_file():
         raise QpeftError(f"{run_dir} has no saved adapter (adapter/qpeft_adapter.json); "
                          f"finish the run with: qpeft run --resume {run_dir}")
@@ -69,10 +76,14 @@ def check_rank(composition, rank: int | None, used: str) -> None:
         raise QpeftError(f"--rank needs a dynamic-rank adapter such as qdylora; {used}; drop --rank")
 
 
-def onto_base(cfg, plan, device: str = "cpu", rank: int | None = None) -> Rebuilt:
+def onto_base(cfg, plan, device: str = "cpu", rank: int | None = None, no_adapter: bool = False) -> Rebuilt:
     """``cfg.model`` quantized by the plan's quantizer, with the adapter directory that
-    ``pipeline.plan`` read (``plan.init``: ``cfg.init_adapter``) attached and loaded."""
+    ``pipeline.plan`` read (``plan.init``: ``cfg.init_adapter``) attached and loaded
+    (``no_adapter``: the quantized base alone, loaded as the adapter would have it)."""
     init = plan.init
+    if no_adapter:
+        return _base_only(cfg, plan.quantizer, plan.adapter, device, rank, Path(init.directory),
+                          RunRecord.started(cfg, plan))
     check_rank(plan.adapter, rank, f"{init.directory} holds '{plan.adapter.method.name}'")
     model, tokenizer, _ = streaming.load_quantized(cfg.model, plan.quantizer, device,
                                                    keep_source=plan.adapter.needs_source_weights,
@@ -83,3 +94,14 @@ def onto_base(cfg, plan, device: str = "cpu", rank: int | None = None) -> Rebuil
     if rank is not None:
         plan.adapter.method.select_rank(model, rank)
     return Rebuilt(Path(init.directory), RunRecord.started(cfg, plan), cfg, model, tokenizer, plan.adapter, rank)
+
+
+def _base_only(cfg, quantizer, composition, device, rank, where: Path, record) -> Rebuilt:
+    """The quantized base without the adapter (``composition`` only says how it is loaded:
+    float32 activations for IA3/DoRA, as training and the "before" evaluation had them)."""
+    if rank is not None:
+        raise QpeftError("--rank selects a rank of the adapter; --no-adapter has none; drop one of them")
+    model, tokenizer, _ = streaming.load_quantized(cfg.model, quantizer, device,
+                                                   float32_activations=composition.needs_float32_activations)
+    model.to(device).eval()
+    return Rebuilt(where, record, cfg, model, tokenizer, None, None)

@@ -37,13 +37,18 @@ def _base_options(command):
               help="write the results as JSON here (inside a run or adapter directory only as "
                    "eval-NAME.json) [default: DIR/eval-<time>.json for a run, none for an adapter]")
 @click.option("--overwrite", is_flag=True, help="replace the --out file if it exists")
+@click.option("--no-adapter", is_flag=True,
+              help="score the quantized base alone (the run's model and quantizer, no adapter attached); "
+                   "a run's results go to DIR/eval-base-<time>.json beside the report's 'before'")
 @_base_options
-def eval_command(directory, evaluators, rank, limit, device, out, overwrite, **base):
+def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_adapter, **base):
     """Evaluate DIR: a run directory, or an adapter directory from any tool.
 
     A run directory (written by 'qpeft run') is rebuilt — its quantized model and saved
     adapter — and evaluated; the results go to DIR/eval-<timestamp>.json (eval-rank<K>.json
-    with --rank) and print beside the values in the run's report.
+    with --rank) and print beside the values in the run's report. With --no-adapter the
+    quantized base is evaluated instead (DIR/eval-base-<timestamp>.json, beside the report's
+    "before").
 
     An adapter directory (adapter_config.json + adapter_model.safetensors, as PEFT, Unsloth,
     axolotl, LLaMA-Factory or 'qpeft export' write it) is loaded over --model quantized with
@@ -54,6 +59,7 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, **b
       qpeft eval runs/nf4-lora --evaluators "NAME;NAME:key=value"   # names: qpeft list evaluator
       qpeft eval runs/nf4-qdylora --rank 4
       qpeft eval runs/nf4-lora --limit 0
+      qpeft eval runs/nf4-lora --no-adapter          # the quantized base, as the run's "before"
       qpeft eval ./peft-lora --model ./base-model --quant nf4
     """
     from pathlib import Path
@@ -63,7 +69,7 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, **b
     given = {k: v for k, v in base.items() if v is not None}
     if (Path(directory) / "adapter_config.json").is_file() or (given and not (Path(directory) / "config.json").is_file()):
         out_record, path = evaluate_adapter(directory, given, evaluators, rank, limit, device, out, say,
-                                            overwrite=overwrite)
+                                            overwrite=overwrite, no_adapter=no_adapter)
         click.echo(table(out_record["results"], {}))
         click.echo(f"\nwritten: {path}" if path else "\n(pass --out FILE to keep the results as JSON)")
         return
@@ -72,15 +78,17 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, **b
         raise click.UsageError(f"{flags}: only for an adapter directory; {directory} is a run directory, "
                                f"evaluated on its own model, quantizer and data")
     out_record, path = evaluate_run(directory, evaluators, rank, limit, device, say=say, out=out,
-                                    overwrite=overwrite)
-    click.echo(table(out_record["results"], out_record.get("report_after", {})))
+                                    overwrite=overwrite, no_adapter=no_adapter)
+    reported = out_record.get("report_before" if no_adapter else "report_after", {})
+    click.echo(table(out_record["results"], reported))
     click.echo(f"\nwritten: {path}")
 
 
 def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto", say=print, out=None,
-                 overwrite=False):
+                 overwrite=False, no_adapter=False):
     """Rebuild, evaluate, write the JSON (to ``out`` if given: see :func:`check_out`);
-    returns ``(record, path)``."""
+    returns ``(record, path)``. ``no_adapter``: the quantized base alone, evaluated as the
+    run's "before" stage, written as eval-base-<time>.json."""
     import datetime
     from pathlib import Path
 
@@ -88,6 +96,8 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     from qpeft.core.run_record import PluginRecord, RunRecord
 
     check_out(out, run_dir, overwrite)
+    if no_adapter and rank is not None:
+        raise QpeftError("--rank selects a rank of the adapter; --no-adapter has none; drop one of them")
     record = RunRecord.read(run_dir)
     report = _read_json(Path(run_dir) / "report.json", f"finish the run again with: qpeft run --resume {run_dir}")
     cfg = record.settings(run_dir)
@@ -100,24 +110,30 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     cfg.init_adapter = None             # the run's own saved adapter is evaluated
     plan = pipeline.plan(cfg, record)   # checks the evaluator specs before the model loads
     device = distributed.device_for(device)
-    say(f"qpeft: rebuilding {Path(run_dir).name} ({record.quantizer.name} × {record.adapter_spec}) on {device}")
-    built = rebuild.rebuild(run_dir, device, rank, record, plan)
+    what = "no adapter" if no_adapter else record.adapter_spec
+    say(f"qpeft: rebuilding {Path(run_dir).name} ({record.quantizer.name} × {what}) on {device}")
+    built = rebuild.rebuild(run_dir, device, rank, record, plan, no_adapter=no_adapter)
+    stage = "before" if no_adapter else "after"
     ctx = pipeline.eval_context(built.cfg, built.model, built.tokenizer, device, plan.validation,
-                                plan.test)(stage="after", facts=dict(report.get("facts") or {}))
+                                plan.test)(stage=stage, facts=dict(report.get("facts") or {}))
     results = pipeline.evaluate(plan.evaluators, ctx, say)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_record = {"run": record.run, "evaluated_at": stamp, "rank": rank, "eval_limit": cfg.eval_limit,
+                  "adapter": not no_adapter,
                   "evaluators": [PluginRecord.of(e).to_dict() for e in plan.evaluators], "results": results,
-                  "report_after": report.get("after", {})}
-    path = Path(out) if out else Path(run_dir) / (f"eval-rank{rank}.json" if rank is not None else f"eval-{stamp}.json")
+                  f"report_{stage}": report.get(stage, {})}
+    name = (f"eval-base-{stamp}.json" if no_adapter else f"eval-rank{rank}.json" if rank is not None
+            else f"eval-{stamp}.json")
+    path = Path(out) if out else Path(run_dir) / name
     write_json(path, out_record)
     return out_record, path
 
 
 def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limit=None, device="auto",
-                     out=None, say=print, overwrite=False):
+                     out=None, say=print, overwrite=False, no_adapter=False):
     """Evaluate an adapter directory over ``settings`` (``model``, ``quant``, ``data``… as
-    ``qpeft run`` takes them); writes the JSON to ``out`` if given. Returns ``(record, path)``."""
+    ``qpeft run`` takes them), or with ``no_adapter`` the quantized base alone; writes the
+    JSON to ``out`` if given. Returns ``(record, path)``."""
     import datetime
     from pathlib import Path
 
@@ -131,12 +147,16 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
     peft_files.check_fits(Path(directory), cfg.model, plan.init.base_model)   # shapes against the base's config
     device = distributed.device_for(device)
     model = cfg.model or models.EMBEDDED
-    say(f"qpeft: loading {Path(directory).name} ({_short(cfg.adapter)}) over {model} × {cfg.quant} on {device}")
-    built = rebuild.onto_base(cfg, plan, device, rank)
+    if no_adapter:
+        say(f"qpeft: loading {model} × {cfg.quant} on {device}, without {Path(directory).name}")
+    else:
+        say(f"qpeft: loading {Path(directory).name} ({_short(cfg.adapter)}) over {model} × {cfg.quant} on {device}")
+    built = rebuild.onto_base(cfg, plan, device, rank, no_adapter=no_adapter)
     ctx = pipeline.eval_context(cfg, built.model, built.tokenizer, device, plan.validation,
-                                plan.test)(stage="after", facts={})
+                                plan.test)(stage="before" if no_adapter else "after", facts={})
     results = pipeline.evaluate(plan.evaluators, ctx, say)
-    record = {"adapter": str(directory), "adapter_spec": cfg.adapter, "model": model,
+    record = {"adapter": str(directory), "adapter_attached": not no_adapter, "adapter_spec": cfg.adapter,
+              "model": model,
               "quantizer": PluginRecord.of(plan.quantizer).to_dict(), "rank": rank, "eval_limit": cfg.eval_limit,
               "evaluated_at": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
               "evaluators": [PluginRecord.of(e).to_dict() for e in plan.evaluators], "results": results}
@@ -164,7 +184,9 @@ def _read_json(path, fix: str) -> dict:
     return data
 
 
-EVAL_FILE = re.compile(r"eval-[^/\\]*\.json")    # an evaluation's own file name in a run directory
+# An evaluation's own file name in a run directory: eval-<time>.json, eval-rank<K>.json,
+# eval-base-<time>.json (--no-adapter), or any eval-NAME.json given as --out.
+EVAL_FILE = re.compile(r"eval-[^/\\]*\.json")
 RUN_FILES = ("adapter", "checkpoints", "report.json", "eval_before.json", "metrics.jsonl")
 
 

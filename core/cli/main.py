@@ -10,9 +10,11 @@ import sys
 
 import click
 
+from qpeft.core.cli.chat_cmd import chat_command
 from qpeft.core.cli.compare_cmd import compare_command
 from qpeft.core.cli.export_cmd import export_command
 from qpeft.core.cli.eval_cmd import eval_command
+from qpeft.core.cli.generate_cmd import generate_command
 from qpeft.core.cli.list_cmd import list_command
 from qpeft.core.cli.run_cmd import run_command
 from qpeft.core.cli.quantize_cmd import quantize_command
@@ -102,6 +104,8 @@ cli.add_command(quantize_command)
 cli.add_command(export_command)
 cli.add_command(eval_command)
 cli.add_command(compare_command)
+cli.add_command(generate_command)
+cli.add_command(chat_command)
 
 
 def main() -> None:
