@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from qpeft.core import streaming
 from qpeft.core.cli.main import cli
+from test_models import tiny_gguf
 
 
 def tiny_run(tiny_dir, out, name, *extra):
@@ -238,25 +239,11 @@ def test_a_truncated_report_or_eval_before_is_one_line_naming_it(finished, tmp_p
     assert line.endswith(f"); delete it (it is measured again) and resume: qpeft run --resume {copy}")
 
 
-def _gguf(path: Path) -> bytes:
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.arange(64 * 16, dtype=np.float32).reshape(64, 16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path.read_bytes()
-
-
 def test_every_single_bit_flip_in_a_gguf_header_passes_or_is_one_line(tmp_path):
     from qpeft.core import models
     from qpeft.core.errors import ModelLoadError
 
-    whole = _gguf(tmp_path / "whole.gguf")
+    whole = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
     header = len(whole) - 64 * 16 * 4   # everything before the tensor data
     bad = tmp_path / "flipped.gguf"
     refused = 0
