@@ -72,6 +72,11 @@ def test_generate_prints_what_the_evaluators_generate(lora_run, adapted, tmp_pat
 
     evaluated = json.loads(out.read_text())["results"]["prompts"]
     assert [evaluated[f"output/p{i}"] for i in range(len(PROMPTS))] == [one_line(a, 1000) for a in got]
+    # and the table is followed by those answers, one line each (issue 24: not only in the JSON)
+    shown = result.stdout.split("\nanswers\n", 1)[1].splitlines()
+    assert shown[:len(PROMPTS)] == [f"  prompts  output/p{i}: {' '.join(one_line(a, 1000).split())[:110]}"
+                                    + ("…" if len(" ".join(one_line(a, 1000).split())) > 110 else "")
+                                    for i, a in enumerate(got)]
 
 
 def test_no_adapter_is_the_quantized_base(lora_run, adapted):

@@ -71,6 +71,8 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_
         out_record, path = evaluate_adapter(directory, given, evaluators, rank, limit, device, out, say,
                                             overwrite=overwrite, no_adapter=no_adapter)
         click.echo(table(out_record["results"], {}))
+        if answers(out_record["results"]):
+            click.echo("\n" + answers(out_record["results"]))
         click.echo(f"\nwritten: {path}" if path else "\n(pass --out FILE to keep the results as JSON)")
         return
     if given:
@@ -81,6 +83,8 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_
                                     overwrite=overwrite, no_adapter=no_adapter)
     reported = out_record.get("report_before" if no_adapter else "report_after", {})
     click.echo(table(out_record["results"], reported))
+    if answers(out_record["results"]):
+        click.echo("\n" + answers(out_record["results"]))
     click.echo(f"\nwritten: {path}")
 
 
@@ -253,6 +257,20 @@ def table(results: dict, reported: dict) -> str:
         rows = [r[:3] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def answers(results: dict, first: int = 10, width: int = 110) -> str:
+    """The text an evaluator reported (a generation-based one's answers: ``output/NAME``), the
+    ``first`` of each evaluator, one line each and cut to ``width``; "" when there are none."""
+    lines = []
+    for name, metrics in results.items():
+        texts = [(m, v) for m, v in metrics.items() if isinstance(v, str) and m != "error"]
+        for metric, text in texts[:first]:
+            text = " ".join(text.split())
+            lines.append(f"  {name}  {metric}: {text if len(text) <= width else text[:width] + '…'}")
+        if len(texts) > first:
+            lines.append(f"  {name}: {len(texts) - first} more in the JSON")
+    return "answers\n" + "\n".join(lines) if lines else ""
 
 
 def _fmt(value) -> str:
