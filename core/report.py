@@ -49,7 +49,9 @@ def markdown(report: dict) -> str:
     for name, after in report["after"].items():
         before = report["before"].get(name, {})
         for metric, value in after.items():
-            lines.append(f"| {name} | {metric} | {_fmt(before.get(metric, ''))} | {_fmt(value)} |")
+            if metric.endswith("_n") and metric[:-2] in after:
+                continue                 # shown beside its rate
+            lines.append(f"| {name} | {metric} | {with_count(before, metric)} | {with_count(after, metric)} |")
     t = report["training"]
     lines += ["", "## Training", "",
               f"- steps: {t['steps']}, final loss: {_fmt(t['final_loss'])}, tokens: {t['tokens']}, "
@@ -63,6 +65,15 @@ def markdown(report: dict) -> str:
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def with_count(metrics: dict, metric: str) -> str:
+    """A rate beside its count, ``0.5 (1/2)``, where the evaluator reports the number of cases
+    as ``<metric>_n`` (a pass rate over 2 cases is not read like an accuracy over 160)."""
+    value, n = metrics.get(metric, ""), metrics.get(f"{metric}_n")
+    if isinstance(value, float) and isinstance(n, int) and not isinstance(n, bool) and n > 0 and 0 <= value <= 1:
+        return f"{_fmt(value)} ({round(value * n)}/{n})"
+    return _fmt(value)
 
 
 def loss_plot(history: list, path: Path, title: str = "") -> None:

@@ -7,6 +7,7 @@ import click
 from qpeft.core.cli import params
 from qpeft.core.cli.run_cmd import SETTINGS
 from qpeft.core.errors import QpeftError
+from qpeft.core.report import with_count
 
 # Flags that choose the base model, quantizer and data: an adapter directory only (a run
 # directory is evaluated on its own).
@@ -250,9 +251,10 @@ def table(results: dict, reported: dict) -> str:
     rows = [("evaluator", "metric", "value", "in report")]
     for name, metrics in results.items():
         for metric, value in metrics.items():
+            if metric.endswith("_n") and metric[:-2] in metrics:
+                continue                 # shown beside its rate
             if isinstance(value, (int, float)) or metric == "error":
-                before = reported.get(name, {}).get(metric, "")
-                rows.append((name, metric, _fmt(value), _fmt(before)))
+                rows.append((name, metric, with_count(metrics, metric), with_count(reported.get(name, {}), metric)))
     if not reported:
         rows = [r[:3] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -271,7 +273,3 @@ def answers(results: dict, first: int = 10, width: int = 110) -> str:
         if len(texts) > first:
             lines.append(f"  {name}: {len(texts) - first} more in the JSON")
     return "answers\n" + "\n".join(lines) if lines else ""
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
