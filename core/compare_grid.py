@@ -74,9 +74,9 @@ NOT_COMPARED = ("resume", "overwrite", "progress")
 def run_flags(flags: list) -> dict:
     """The settings given in ``flags`` (``--config`` as ``config_file``), parsed by the run
     command's own parser: what every cell's process receives."""
-    from qpeft.core.cli.run_cmd import given, run_command
+    from qpeft.core.run_flags import given, parse
 
-    return given(run_command.make_context("qpeft run", list(flags), resilient_parsing=False).params)
+    return given(parse(flags))
 
 
 def cell_settings(cell: Cell, output_dir: Path, flags: list):

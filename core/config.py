@@ -1,5 +1,8 @@
 """The resolved configuration of a run: flags, an optional YAML/JSON file, defaults.
 
+Plain settings (:class:`RunConfig`, :class:`TrainConfig`): no torch is imported here, so
+``qpeft --version`` starts without it (tests/test_layering.py).
+
 Keys in the file are named like the flags (``--batch-size`` → ``batch_size`` or
 ``batch-size``); flags given on the command line override the file. Every bad key or
 value is reported at once, as torchtune does, naming the flag; ranges are in :data:`RANGES`,
@@ -11,11 +14,11 @@ import math
 import re
 import typing
 from pathlib import Path
+from typing import Literal
 
 from qpeft.core import options as opts
 from qpeft.core import spec as specs
 from qpeft.core.errors import OptionsError, QpeftError, unknown
-from qpeft.core.trainer import TrainConfig
 
 
 # The only built-in plugin names the core holds: what runs when nothing is chosen.
@@ -23,6 +26,28 @@ DEFAULT_QUANT, DEFAULT_ADAPTER = "nf4", "lora"
 DEFAULT_EVALUATORS = "perplexity;accuracy;prompts;footprint"
 DEFAULT_GRID = {"quant": "none;nf4;hqq", "adapter": "lora;lora+rslora;dora"}   # qpeft compare
 LIST_SETTINGS = ("evaluators",)     # a list of specs: "a;b", a repeated flag or a YAML list
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training settings; defaults follow the thesis (AdamW, constant LR)."""
+
+    steps: int = 100                 # optimizer steps (0: use epochs)
+    epochs: float = 1.0
+    batch_size: int = 8              # global examples per optimizer step
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
+    seed: int = 42
+    log_every: int = 5
+    eval_every: int = 0
+    save_every: int = 50
+    gradient_checkpointing: bool = False
+    progress: bool = True
 
 
 @dataclasses.dataclass

@@ -273,10 +273,10 @@ def logits(model, batch):
 
 def tiny_reference():
     """The kit's reference model: a 2-block tiny Llama, vocabulary 1000, seed 5 (cached)."""
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.tiny import random_llama
 
     if "model" not in _CACHE:
-        _CACHE["model"] = tiny_model(vocab_size=1000, seed=5)
+        _CACHE["model"] = random_llama(vocab_size=1000, seed=5)
     return _CACHE["model"]
 
 
@@ -357,10 +357,12 @@ def eval_context():
     from qpeft.core import templates
     from qpeft.core.data import Example
     from qpeft.core.evaluator import EvalContext
-    from qpeft.core.testing import tiny_model_and_tokenizer
+    from qpeft.core.models import load_tokenizer
+    from qpeft.core.tiny import random_llama
 
     if "eval" not in _CACHE:
-        _CACHE["eval"] = tiny_model_and_tokenizer()
+        tokenizer = load_tokenizer(None)
+        _CACHE["eval"] = random_llama(len(tokenizer)), tokenizer
     model, tokenizer = _CACHE["eval"]
     model.requires_grad_(False)
     examples = [Example(messages=[{"role": "user", "content": f"Which is larger, {a} or {b}?"}],

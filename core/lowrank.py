@@ -28,8 +28,8 @@ from torch import nn
 
 from qpeft.core import peft_format
 from qpeft.core.adapter import Adapter
-from qpeft.core.adapter_layers import (ALL_LINEAR, AdapterLayer, AdapterMethod, find_targets,
-                                       layer_device, mark_trainable)
+from qpeft.core.adapter_layers import ALL_LINEAR, AdapterLayer, find_targets, layer_device, mark_trainable
+from qpeft.core.adapter_method import AdapterMethod
 from qpeft.core.options import option
 from qpeft.core.plugin import near_misses
 from qpeft.core.quantizer import DTYPES, QuantizedLinear

@@ -64,9 +64,9 @@ def locate(spec: str | None) -> Path | str:
     if spec in (None, "", DEFAULT_MODEL, EMBEDDED):
         return embedded_gguf()
     if spec == "tiny":   # the random two-layer test model (qpeft.testing.tiny_model_dir)
-        from qpeft.core.testing import tiny_model_dir
+        from qpeft.core import tiny
 
-        return Path(tiny_model_dir())
+        return Path(tiny.cached_dir(cache_dir(), load_tokenizer))
     try:
         path = Path(spec).expanduser()
     except RuntimeError:  # ~nosuchuser/...

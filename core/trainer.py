@@ -17,11 +17,11 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from qpeft.core import checkpoint, distributed, lean, memory
+from qpeft.core.config import TrainConfig
 from qpeft.core.errors import QpeftError
 from qpeft.core.loss import token_loss_sum
 from qpeft.core.optim import build_optimizer, build_schedule
@@ -93,28 +93,6 @@ def seed_everything(seed: int) -> None:
     """Seed every generator a run draws from (adapter init, dropout, sampling)."""
     torch.manual_seed(seed)
     random.seed(seed)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Training settings; defaults follow the thesis (AdamW, constant LR)."""
-
-    steps: int = 100                 # optimizer steps (0: use epochs)
-    epochs: float = 1.0
-    batch_size: int = 8              # global examples per optimizer step
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
-    seed: int = 42
-    log_every: int = 5
-    eval_every: int = 0
-    save_every: int = 50
-    gradient_checkpointing: bool = False
-    progress: bool = True
 
 
 @dataclasses.dataclass

@@ -3,30 +3,36 @@
 The package is a thin facade: the pipeline lives in :mod:`qpeft.core`, the built-in
 methods in :mod:`qpeft.plugins`. Everything a plugin needs is a name here (the table in
 docs/writing-plugins.md, "The public API"), resolved on first use, so that importing qpeft
-imports neither torch nor any plugin.
+imports neither torch nor any plugin. The built-in plugins import nothing else either
+(tests/test_layering.py), so a name they need is added here, to :data:`PUBLIC`, and to
+that table.
 """
 from qpeft.core.hookspecs import hookimpl
 from qpeft.core.version import __version__
 
-PUBLIC = {
+PUBLIC = {  # core module → the names it provides here; plugins (built-in ones too) use nothing else
     "qpeft.core.plugin": ["Plugin"],
-    "qpeft.core.quantizer": ["Quantizer", "QuantizerOptions", "QuantizedLinear", "LayerStats"],
+    "qpeft.core.quantizer": ["Quantizer", "QuantizerOptions", "QuantizedLinear", "LayerStats", "DTYPES",
+                             "model_bytes", "quantized_layers"],
     "qpeft.core.adapter": ["Adapter"],
     "qpeft.core.evaluator": ["Evaluator", "EvalContext"],
     "qpeft.core.options": ["option"],
     "qpeft.core.errors": ["QpeftError", "OptionsError", "UnknownPluginError", "PluginLoadError",
-                          "ModelLoadError"],
-    "qpeft.core.adapter_layers": ["AdapterLayer", "AdapterMethod", "ALL_LINEAR", "adapter_layers",
-                                  "find_targets", "mark_trainable", "merge_model", "layer_device"],
+                          "ModelLoadError", "closest"],
+    "qpeft.core.adapter_layers": ["AdapterLayer", "ALL_LINEAR", "adapter_layers", "find_targets",
+                                  "mark_trainable", "merge_model", "layer_device"],
+    "qpeft.core.adapter_method": ["AdapterMethod"],
     "qpeft.core.lowrank": ["LowRankMethod", "LoRALinear", "LowRankOptions", "LoRAOptions",
                            "ScalingModifier", "InitModifier", "add_low_rank", "low_rank_values"],
-    "qpeft.core.generation": ["generate"],
+    "qpeft.core.data": ["Example", "exact_match"],
+    "qpeft.core.generation": ["generate", "padded"],
+    "qpeft.core.loss": ["mean_loss"],
 }
 MODULES = {"registry": "qpeft.registry", "testing": "qpeft.testing",
            "peft_format": "qpeft.core.peft_format"}
 _WHERE = {name: module for module, names in PUBLIC.items() for name in names}
 
-__all__ = ["hookimpl", "__version__", *_WHERE, *MODULES]
+__all__ = sorted(["hookimpl", "__version__", *_WHERE, *MODULES])
 
 
 def __getattr__(name: str):

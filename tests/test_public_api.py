@@ -20,7 +20,7 @@ def test_the_table_lists_the_whole_surface():
     import qpeft
 
     names = documented_names()
-    assert len(names) == 35
+    assert len(names) == 43
     assert sorted(names) == sorted(n for n in qpeft.__all__ if n != "__version__")
 
 
@@ -38,6 +38,12 @@ def test_bare_import_is_torch_free_and_then_resolves():
             "assert qpeft.registry.get('adapter', 'lora').__mro__[1] is LowRankMethod")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-400:]
+
+
+def test_all_is_sorted():
+    import qpeft
+
+    assert qpeft.__all__ == sorted(qpeft.__all__)
 
 
 def test_unknown_names_fail_as_attribute_errors():

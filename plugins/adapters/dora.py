@@ -28,8 +28,7 @@ where A·Wᵀ = ``base.matmul(A)`` (the frozen layer applied to the r rows of A:
 import torch
 from torch import nn
 
-from qpeft import hookimpl
-from qpeft.core.lowrank import LoRALinear, LowRankMethod, add_low_rank, low_rank_values
+from qpeft import LoRALinear, LowRankMethod, add_low_rank, hookimpl, low_rank_values
 
 
 class DoRALinear(LoRALinear):

@@ -24,13 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qpeft import hookimpl
-from qpeft.core.errors import OptionsError
-from qpeft.core.options import option
-from qpeft.core.quantizer import DTYPES, QuantizedLinear
-from qpeft.core import peft_format
-from qpeft.core.adapter_layers import (AdapterLayer, AdapterMethod, find_targets, layer_device,
-                                       mark_trainable)
+from qpeft import (DTYPES, AdapterLayer, AdapterMethod, OptionsError, QuantizedLinear, find_targets, hookimpl,
+                   layer_device, mark_trainable, option, peft_format)
 
 
 class IA3Output(AdapterLayer):

@@ -24,10 +24,7 @@ import dataclasses
 
 import torch
 
-from qpeft import hookimpl
-from qpeft.core.adapter import Adapter
-from qpeft.core.errors import QpeftError
-from qpeft.core.options import option
+from qpeft import Adapter, QpeftError, hookimpl, option
 
 
 @dataclasses.dataclass

@@ -4,10 +4,8 @@ The ``lora`` method plugin: :class:`qpeft.LowRankMethod` under its name, as a th
 method would write it. The layer (``h = Ŵx + s·B·A·dropout(x)``, §4.1, Eq. 3), its
 initialisation and the scaling and init slots live in :mod:`qpeft.core.lowrank`.
 """
-from qpeft import hookimpl
-from qpeft.core.adapter_layers import adapter_layers, find_targets, merge_model  # noqa: F401  (old import path)
-from qpeft.core.lowrank import (LoRALinear, LoRAOptions, LowRankMethod,  # noqa: F401  (old import path)
-                                LowRankOptions, add_low_rank, low_rank_values)
+from qpeft import (LoRALinear, LoRAOptions, LowRankMethod, LowRankOptions,  # noqa: F401  (old import path)
+                   adapter_layers, add_low_rank, find_targets, hookimpl, low_rank_values, merge_model)
 
 
 class LoRA(LowRankMethod):

@@ -17,9 +17,7 @@ full-precision model re-runs the same decomposition and reproduces the adapted m
 """
 import torch
 
-from qpeft import hookimpl
-from qpeft.core.adapter import Adapter
-from qpeft.core.errors import OptionsError
+from qpeft import Adapter, OptionsError, hookimpl
 
 
 class OLoRA(Adapter):

@@ -20,11 +20,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from qpeft import hookimpl
-from qpeft.core.errors import QpeftError
-from qpeft.core.options import option
-from qpeft.core.adapter_layers import adapter_layers
-from qpeft.core.lowrank import LoRALinear, LowRankMethod, LowRankOptions
+from qpeft import LoRALinear, LowRankMethod, LowRankOptions, QpeftError, adapter_layers, hookimpl, option
 
 
 class QDyLoRALinear(LoRALinear):

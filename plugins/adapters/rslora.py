@@ -9,8 +9,7 @@ the scaling under which the learning trajectory is rank-stable (§3, Theorem 3.2
 """
 import math
 
-from qpeft import hookimpl
-from qpeft.core.adapter import Adapter
+from qpeft import Adapter, hookimpl
 
 
 class RsLoRA(Adapter):

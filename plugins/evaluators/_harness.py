@@ -31,7 +31,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from qpeft.core.generation import padded
+from qpeft import padded
 
 
 class QpeftLM(TemplateLM):

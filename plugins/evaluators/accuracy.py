@@ -7,11 +7,7 @@ spaces and a final '.' ignored). Reported overall and per task.
 import dataclasses
 from collections import defaultdict
 
-from qpeft import hookimpl
-from qpeft.core.data import exact_match
-from qpeft.core.evaluator import Evaluator
-from qpeft.core.generation import generate
-from qpeft.core.options import option
+from qpeft import Evaluator, exact_match, generate, hookimpl, option
 
 
 @dataclasses.dataclass

@@ -5,9 +5,7 @@ memory overhead, quantized model size — measured here — and every fact the r
 (``ctx.facts``: peak memory, GPU reserved/allocated on CUDA and process RSS on CPU,
 training runtime and throughput, …), copied as they are.
 """
-from qpeft import hookimpl
-from qpeft.core.evaluator import Evaluator
-from qpeft.core.quantizer import model_bytes, quantized_layers
+from qpeft import Evaluator, hookimpl, model_bytes, quantized_layers
 
 
 def parameter_counts(model) -> tuple[int, int]:

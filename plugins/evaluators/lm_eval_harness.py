@@ -24,10 +24,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from qpeft import hookimpl
-from qpeft.core.errors import QpeftError, closest
-from qpeft.core.evaluator import Evaluator
-from qpeft.core.options import option
+from qpeft import Evaluator, QpeftError, closest, hookimpl, option
 
 INSTALL = "pip install 'qpeft[lm-eval]'"
 MINIMUM = (0, 4, 12)            # TaskFactory, which the local-data paths rely on

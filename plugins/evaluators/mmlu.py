@@ -27,10 +27,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from qpeft import hookimpl
-from qpeft.core.errors import QpeftError
-from qpeft.core.evaluator import Evaluator
-from qpeft.core.options import option
+from qpeft import Evaluator, QpeftError, hookimpl, option
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -159,7 +156,7 @@ def continuation_logprobs(model, pairs: list, batch_size: int = 8, device="cpu",
     import torch
     from tqdm import tqdm
 
-    from qpeft.core.generation import padded
+    from qpeft import padded
 
     inputs, jobs = {}, defaultdict(list)
     for index, (ctx, cont) in enumerate(pairs):

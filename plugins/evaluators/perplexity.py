@@ -6,10 +6,7 @@ response tokens only unless the run trains on prompts — the same tokens the lo
 import dataclasses
 import math
 
-from qpeft import hookimpl
-from qpeft.core.evaluator import Evaluator
-from qpeft.core.loss import mean_loss
-from qpeft.core.options import option
+from qpeft import Evaluator, hookimpl, mean_loss, option
 
 
 @dataclasses.dataclass

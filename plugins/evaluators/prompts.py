@@ -19,12 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from qpeft import hookimpl
-from qpeft.core.data import Example, exact_match
-from qpeft.core.errors import QpeftError
-from qpeft.core.evaluator import Evaluator
-from qpeft.core.generation import generate
-from qpeft.core.options import option
+from qpeft import Evaluator, Example, QpeftError, exact_match, generate, hookimpl, option
 
 MATCHES = ("exact", "contains", "regex")
 # The answer states 9.9 (or 9.90…) is the larger: "9.9", "9.9 is larger", "The larger number

@@ -19,10 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from qpeft import hookimpl
-from qpeft.core.errors import OptionsError
-from qpeft.core.options import option
-from qpeft.core.quantizer import QuantizedLinear, Quantizer, QuantizerOptions
+from qpeft import OptionsError, QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option
 
 NBITS = (1, 2, 3, 4, 8)
 

@@ -18,10 +18,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from qpeft import hookimpl
-from qpeft.core.options import option
-from qpeft.core.quantizer import QuantizedLinear, Quantizer, QuantizerOptions
-from qpeft.plugins.quantizers.nf4 import import_bitsandbytes
+from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option
+from qpeft.plugins.quantizers._bnb import import_bitsandbytes
 
 
 class Int8Linear(QuantizedLinear):

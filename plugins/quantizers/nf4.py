@@ -14,36 +14,15 @@ Backward needs only ``∂L/∂x = ∂L/∂y · Ŵ``: Ŵ is dequantized again the
 frozen 4-bit base").
 """
 import dataclasses
-import logging
-import sys
 from typing import Literal
 
 import torch
 from torch import nn
 
-from qpeft import hookimpl
-from qpeft.core.options import option
-from qpeft.core.quantizer import QuantizedLinear, Quantizer, QuantizerOptions
+from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option
+from qpeft.plugins.quantizers._bnb import import_bitsandbytes
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-
-
-class _WithoutKernelsNotice(logging.Filter):
-    """Drops bitsandbytes' CPU notice that the optional ``kernels`` package is absent: its
-    built-in C++ fallback is used instead, so users have nothing to act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels" not in record.getMessage()
-
-
-def import_bitsandbytes():
-    """``bitsandbytes``, imported on first use without its optional-``kernels`` notice."""
-    if "bitsandbytes" not in sys.modules:
-        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutKernelsNotice())
-    import bitsandbytes
-    import bitsandbytes.functional  # noqa: F401  (registers the CPU/CUDA ops)
-
-    return bitsandbytes
 
 
 def _tensor_bytes(module: nn.Module) -> int:

@@ -8,8 +8,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from qpeft import hookimpl
-from qpeft.core.quantizer import QuantizedLinear, Quantizer, QuantizerOptions
+from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl
 
 
 class PlainLinear(QuantizedLinear):
