@@ -33,7 +33,7 @@ import math
 import re
 from pathlib import Path
 
-from qpeft.core import compare_metrics
+from qpeft.core import compare_metrics, compare_summary
 from qpeft.core.compare_grid import Cell, cell_modes, grid, run_grid, spec_errors
 from qpeft.core.errors import QpeftError
 
@@ -141,7 +141,9 @@ def columns(rows: list, meta: dict) -> dict:
     """The table's columns: the cell, the metrics the rows hold, the costs, the export
     columns (with --export-quant), the error."""
     fixed = {*HEAD, *COSTS, *EXPORT_COLUMNS, "error", "export_error"}
-    found = compare_metrics.columns(k for r in rows for k in r if k not in fixed)
+    keys = {k for r in rows for k in r}
+    found = compare_metrics.columns(k for r in rows for k in r if k not in fixed
+                                    and not compare_summary.is_count(k, keys))
     extra = EXPORT_COLUMNS if meta.get("export_quant") else {}
     return {**HEAD, **found, **COSTS, **extra, "error": "error"}
 
@@ -162,9 +164,13 @@ def markdown(rows: list, meta: dict, plots: list) -> str:
     shown = [k for k in heads if k not in ("error", "memory_kind")
              and (k != "within_budget" or meta.get("memory_budget_mb") is not None)
              and any(r.get(k) is not None for r in rows)]
+    order = meta.get("sort_key") or "edge_score"
     lines = ["# qpeft comparison", "", f"Model: {meta['model']} · grid: {len(rows)} combinations", "",
+             *compare_summary.summary(rows, meta, meta.get("directions") or {}), "",
+             f"Rows sorted by {heads.get(order, order)}, best first.", "",
              "| " + " | ".join(heads[k] for k in shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_cell(r.get(k)) for k in shown) + " |" for r in rows]
+    ranked = compare_summary.sort_rows(rows, order, meta.get("sort_higher", True))
+    lines += ["| " + " | ".join(_cell(r.get(k)) for k in shown) + " |" for r in ranked]
     w = meta["edge_weights"]
     lines += ["", f"Peak memory is GPU reserved where a GPU was used, else process RSS "
               f"({', '.join(sorted({r['memory_kind'] for r in rows if r['memory_kind']})) or 'none'}).",
@@ -189,6 +195,16 @@ def markdown(rows: list, meta: dict, plots: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def directions(run_dirs: list, reg) -> dict:
+    """``{metric key: higher_is_better}`` over the finished cells' reports."""
+    out = {}
+    for run_dir in run_dirs:
+        report = Path(run_dir) / "report.json"
+        if report.is_file():
+            out.update(compare_metrics.directions(json.loads(report.read_text()), reg))
+    return out
+
+
 def _cell(value) -> str:
     if value is None:
         return "–"
@@ -211,7 +227,7 @@ def run_evaluators(flags: list) -> list[str]:
 def compare(quants: list, adapters: list, output_dir, flags: list, budget: str | None = None,
             quality: str | None = None, weights: str | None = None, model: str | None = None,
             say=print, export_quant: str | None = None, evaluators: list | None = None,
-            overwrite: bool = False) -> list:
+            overwrite: bool = False, sort: str | None = None) -> list:
     """Check every spec, run the grid (resuming), write the tables and plots; returns the rows.
 
     ``quality`` is ``EVALUATOR[:METRIC]`` (None: the first of ``evaluators`` — the cells'
@@ -221,6 +237,7 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     reg = registry.default()
     evaluators = run_evaluators(flags) if evaluators is None else list(evaluators)
     edge = compare_metrics.resolve_quality(quality, evaluators, reg)
+    order = compare_metrics.resolve_quality(sort, evaluators, reg, flag="--sort") if sort else None
     budget_mb, weight_map = parse_memory(budget), parse_weights(weights)
     output_dir = Path(output_dir)
     cells = grid(quants, adapters)
@@ -246,7 +263,9 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     meta = {"model": model or "SmolLM2-135M-Instruct (embedded)", "quants": quants, "adapters": adapters,
             "evaluators": evaluators, "run_flags": flags, "memory_budget_mb": budget_mb,
             "edge_quality": f"{edge.evaluator}:{edge.metric}", "edge_quality_label": edge.label,
-            "edge_quality_key": edge.key, "edge_weights": weight_map, "export_quant": export_quant}
+            "edge_quality_key": edge.key, "edge_weights": weight_map, "export_quant": export_quant,
+            "sort_key": order.key if order else "edge_score", "sort_higher": order.higher if order else True,
+            "directions": directions([output_dir / c.name for c in cells], reg)}
     plots = compare_plots.plot_all(rows, [output_dir / c.name for c in cells], output_dir,
                                    edge.key, edge.label, budget_mb)
     write_tables(rows, output_dir, meta, plots)

@@ -51,10 +51,21 @@ def _declared(reg, name: str):
 
 def metrics(report: dict, reg) -> dict:
     """``{metric_key: number}`` of every compared metric in a run's report.json: evaluators in
-    the run's order, their metrics in declared order, each metric's stages side by side."""
+    the run's order, their metrics in declared order, each metric's stages side by side; a
+    metric's sample size ``<metric>_n``, where its evaluator reports one, rides along under its
+    own key (:mod:`qpeft.core.compare_summary` reads it)."""
+    return {key: value for key, value, _ in _compared(report, reg)}
+
+
+def directions(report: dict, reg) -> dict:
+    """``{metric_key: higher_is_better}`` of the compared metrics of a run's report.json."""
+    return {key: higher for key, _, higher in _compared(report, reg) if higher is not None}
+
+
+def _compared(report: dict, reg):
+    """``(metric_key, value, higher)`` of each compared metric and stage (higher None for a count)."""
     recorded = report.get("higher_is_better") or {}
     names = dict.fromkeys([*report.get("after", {}), *report.get("before", {})])
-    out = {}
     for name in names:
         if VARIANT in name:
             continue
@@ -64,13 +75,16 @@ def metrics(report: dict, reg) -> dict:
         values = {stage: report.get(stage, {}).get(name) or {} for stage in stages}
         reported = dict.fromkeys(m for v in values.values() if isinstance(v, dict) for m in v)
         for metric in [*(m for m in better if m in reported), *(m for m in reported if m not in better)]:
-            if direction(better, metric) is None:
+            higher = direction(better, metric)
+            if higher is None:
                 continue
             for stage, section in values.items():
-                value = section.get(metric) if isinstance(section, dict) else None
+                section = section if isinstance(section, dict) else {}
+                value, n = section.get(metric), section.get(f"{metric}_n")
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    out[metric_key(name, metric, stage)] = value
-    return out
+                    yield metric_key(name, metric, stage), value, higher
+                    if isinstance(n, int) and not isinstance(n, bool):
+                        yield metric_key(name, f"{metric}_n", stage), n, None
 
 
 def columns(keys) -> dict:

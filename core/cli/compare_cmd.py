@@ -24,12 +24,14 @@ LIST_HELP = "specs separated by ';', or the flag repeated (commas belong to opti
 @click.option("--export-quant", metavar="SPEC",
               help="after each cell, merge its adapter and re-quantize with this quantizer spec; adds "
                    "columns: the edge quality's metric trained vs merged vs shipped (as qpeft export --merge --quant)")
+@click.option("--sort", metavar="EVALUATOR[:METRIC]",
+              help="order of comparison.md's rows, best first [default: the edge score]")
 @click.option("--overwrite", is_flag=True,
               help="run again the cells of --output-dir whose recorded settings differ from this grid's "
                    "[default: stop, naming the first difference]")
 @click.pass_context
 def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget, edge_quality, edge_weights,
-                    export_quant, overwrite):
+                    export_quant, overwrite, sort):
     """Run every QUANT × ADAPTER combination and compare them.
 
     Any other 'qpeft run' flag (--steps, --eval-limit, --evaluators, --lr, --config ...) is
@@ -63,7 +65,8 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
             flags += [flag, value]
     compare.compare(grid["quant"], grid["adapter"], output_dir, flags, memory_budget,
                     edge_quality, edge_weights, model, say=lambda line: click.echo(line, err=True),
-                    export_quant=export_quant, evaluators=split_list(cfg.evaluators), overwrite=overwrite)
+                    export_quant=export_quant, evaluators=split_list(cfg.evaluators), overwrite=overwrite,
+                    sort=sort)
 
 
 def _specs(key: str, value) -> list[str]:

@@ -29,7 +29,7 @@ class Perplexity(Evaluator):
         loss, count = mean_loss(ctx.model, items, ctx.tokenizer.pad_token_id,
                                 self.options.batch_size, ctx.device)
         return {"eval_loss": round(loss, 5), "perplexity": round(math.exp(loss), 4),
-                "eval_tokens": count}
+                "eval_tokens": count, "perplexity_n": count}   # _n: the sample size, read by reports
 
 
 @hookimpl

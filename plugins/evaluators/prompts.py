@@ -121,7 +121,8 @@ class Prompts(Evaluator):
         answers = generate(ctx.model, ctx.tokenizer, [ctx.prompt_ids(e) for e in examples],
                            self.options.max_new_tokens, self.options.batch_size, ctx.device)
         passed = [c.passes(a) for c, a in zip(cases, answers)]
-        out = {"pass_rate": round(sum(passed) / len(cases), 4), "passed": sum(passed), "cases": len(cases)}
+        out = {"pass_rate": round(sum(passed) / len(cases), 4), "passed": sum(passed), "cases": len(cases),
+               "pass_rate_n": len(cases)}   # _n: the sample size, shown beside the rate ("0.5 (1/2)")
         out.update({f"pass/{c.name}": int(p) for c, p in zip(cases, passed)})
         out.update({f"output/{c.name}": one_line(a, self.options.output_chars) for c, a in zip(cases, answers)})
         return out
