@@ -4,10 +4,13 @@ import torch
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 16,
              batch_size: int = 16, device="cpu") -> list[str]:
-    """The greedy continuation of each prompt (a list of token ids), special tokens removed."""
+    """The greedy continuation of each prompt (a list of token ids), special tokens removed;
+    a progress bar under the evaluator's name on a terminal (:mod:`qpeft.core.progress`)."""
+    from qpeft.core import progress
+
     pad = tokenizer.pad_token_id
     outputs = []
-    with torch.no_grad():
+    with torch.no_grad(), progress.bar(len(prompts), "answer") as shown:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             ids, mask = padded(chunk, pad, left=True)
@@ -15,6 +18,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            shown.update(len(chunk))
     return outputs
 
 

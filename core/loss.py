@@ -87,13 +87,16 @@ def token_loss_sum(model, input_ids, labels, chunk: int | None = None, **inputs)
 
 
 def mean_loss(model, items: list, pad_id: int, batch_size: int = 8, device="cpu") -> tuple[float, int]:
-    """``(token-weighted mean loss, tokens)`` of encoded items, without gradients."""
+    """``(token-weighted mean loss, tokens)`` of encoded items, without gradients; a progress
+    bar under the evaluator's name on a terminal (:mod:`qpeft.core.progress`)."""
+    from qpeft.core import progress
     from qpeft.core.batching import collate
 
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), progress.bar(len(items), "example") as shown:
         for start in range(0, len(items), batch_size):
             batch = collate(items[start:start + batch_size], pad_id)
             s, n = token_loss_sum(model, **{k: v.to(device) for k, v in batch.items()})
             total, count = total + s.item(), count + n
+            shown.update(len(batch["input_ids"]))
     return total / max(count, 1), count

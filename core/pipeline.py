@@ -21,7 +21,8 @@ from functools import partial
 from pathlib import Path
 
 from qpeft.core import data as datasets
-from qpeft.core import distributed, memory, models, registry, report, run_record, rundir, streaming, templates
+from qpeft.core import (distributed, memory, models, progress, registry, report, run_record, rundir, streaming,
+                        templates)
 from qpeft.core.adapter import compose
 from qpeft.core.batch_source import EncodedBatches
 from qpeft.core.batching import pack
@@ -143,7 +144,8 @@ def evaluate(evaluators, ctx: EvalContext, say) -> dict:
     for ev in evaluators:
         started = time.perf_counter()
         try:
-            results[ev.name] = ev.evaluate(ctx)
+            with progress.evaluating(f"{ctx.stage} {ev.name}" if say is not _quiet else None):
+                results[ev.name] = ev.evaluate(ctx)
         except QpeftError as exc:
             results[ev.name] = {"error": str(exc)}
         say(f"  {ctx.stage:>6} {ev.name}: {report.brief(results[ev.name])} "
@@ -244,7 +246,8 @@ def _quiet(line: str) -> None:
 
 def load(cfg: RunConfig, p: Plan, device, world, say):
     """Stage 1: the model, quantized layer by layer as it is read; ``(model, tokenizer, facts)``."""
-    say(f"qpeft: loading {cfg.model or models.EMBEDDED} on {device}")
+    for line in choices(cfg, p, device):
+        say(line)
     model, tokenizer, loaded = streaming.load_quantized(cfg.model, p.quantizer, device, progress=world.is_main,
                                                         keep_source=p.adapter.needs_source_weights,
                                                         float32_activations=p.adapter.needs_float32_activations)
@@ -252,6 +255,17 @@ def load(cfg: RunConfig, p: Plan, device, world, say):
              "quantized_model_mb": round(model_bytes(model) / 2**20, 2),
              "quantize_seconds": round(loaded["quantize_seconds"], 2)}
     return model, tokenizer, facts
+
+
+def choices(cfg: RunConfig, p: Plan, device) -> list[str]:
+    """A run's first lines: the model, quantizer, adapter, precision and device chosen, and why."""
+    q = p.quantizer
+    activations = "float32 (the adapter needs them)" if p.adapter.needs_float32_activations else q.options.compute_dtype
+    why = "--device" if cfg.device not in (None, "auto") else ("auto: CUDA is available" if str(device).startswith("cuda")
+                                                             else "auto: no CUDA GPU")
+    return [f"qpeft: loading {cfg.model or models.EMBEDDED} on {device} ({why})",
+            f"qpeft: quantizer {cfg.quant} · adapter {p.adapter.spec} · matmuls in {q.options.compute_dtype} "
+            f"({q.dtype_reason}) · activations {activations}"]
 
 
 def evaluate_before(p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, world, say) -> dict:

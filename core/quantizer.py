@@ -98,8 +98,10 @@ class Quantizer(Plugin):
 
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
+        self.dtype_reason = "set by compute_dtype"
         if self.options.compute_dtype == "auto":   # recorded resolved, so a rebuild elsewhere matches
-            self.options = dataclasses.replace(self.options, compute_dtype=native_dtype())
+            dtype, self.dtype_reason = native_dtype_reason()
+            self.options = dataclasses.replace(self.options, compute_dtype=dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -171,19 +173,29 @@ class Quantizer(Plugin):
 
 
 def native_dtype() -> str:
-    """``compute_dtype=auto``: "bfloat16" where matmuls run natively in it, else "float32".
+    """``compute_dtype=auto``: "bfloat16" where matmuls run natively in it, else "float32"."""
+    return native_dtype_reason()[0]
+
+
+def native_dtype_reason() -> tuple[str, str]:
+    """``(dtype, why)`` of ``compute_dtype=auto``, the why shown in a run's first lines.
 
     On CUDA, bfloat16 (float16 on GPUs without it, as QLoRA does on T4/V100). On a CPU,
     bfloat16 only with AVX-512 BF16 or AMX: elsewhere torch emulates bf16 matmuls, measured
     50× slower than float32 on a 2-core AVX2 EPYC (0.6 against 35 GFLOP/s)."""
     if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the GPU computes bf16"
+        return "float16", "auto: the GPU has no bf16"
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         flags = []
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    native = sorted({"avx512_bf16", "amx_bf16"} & set(flags))
+    if native:
+        return "bfloat16", f"auto: the CPU has {' and '.join(f.upper().replace('_', '-') for f in native)}"
+    return "float32", "auto: the CPU has no AVX-512 BF16 or AMX, so bf16 would be emulated (~50× slower)"
 
 
 def _bias_bytes(linear: nn.Linear) -> int:

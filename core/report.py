@@ -10,10 +10,11 @@ from pathlib import Path
 
 def brief(metrics: dict) -> str:
     """``loss=2.31 pass_rate=0.5`` for progress lines (numbers only, few of them)."""
-    shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k][:4]
+    shown = [k for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k
+             and not (k.endswith("_n") and k[:-2] in metrics)][:4]
     if "error" in metrics:
         return f"error: {metrics['error']}"
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown)
+    return " ".join(f"{k}={with_count(metrics, k)}" for k in shown)
 
 
 def build(record, before: dict, after: dict, facts: dict, result, encode_stats, evaluators=()) -> dict:
