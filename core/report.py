@@ -24,6 +24,7 @@ def build(record, before: dict, after: dict, facts: dict, result, encode_stats, 
     return {
         "run": record.run,
         "quantizer": recorded["quantizer"], "adapter": recorded["adapter"],
+        "quant_spec": record.config.get("quant") or recorded["quantizer"]["name"],   # as typed: hqq:nbits=4
         "model": record.base_model,
         "qpeft_version": record.qpeft_version,
         "before": before, "after": after, "facts": facts,
@@ -39,12 +40,17 @@ def write(run_dir: Path, report: dict, history: list) -> None:
     run_dir = Path(run_dir)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (run_dir / "report.md").write_text(markdown(report))
-    loss_plot(history, run_dir / "loss.png", title=f"{report['quantizer']['name']} × {report['adapter']['spec']}")
+    loss_plot(history, run_dir / "loss.png", title=f"{title(report)}")
+
+
+def title(report: dict) -> str:
+    """``hqq:nbits=2 × lora+rslora``: the specs as the run was given them (options kept)."""
+    return f"{report.get('quant_spec') or report['quantizer']['name']} × {report['adapter']['spec']}"
 
 
 def markdown(report: dict) -> str:
     """The human-readable report."""
-    lines = [f"# qpeft run: {report['quantizer']['name']} × {report['adapter']['spec']}", "",
+    lines = [f"# qpeft run: {title(report)}", "",
              f"Model: {report['model']} · qpeft {report['qpeft_version']}", "",
              "| evaluator | metric | before | after |", "|---|---|---|---|"]
     for name, after in report["after"].items():

@@ -19,3 +19,9 @@ def test_a_rate_with_a_count_is_shown_as_k_of_n_and_the_count_row_folded_in():
     rows = table(after, before).splitlines()
     assert any(r.split() == ["prompts", "pass_rate", "0.5", "(1/2)", "0", "(0/2)"] for r in rows)
     assert not any("_n" in r for r in rows)
+
+
+def test_the_report_title_keeps_the_quantizer_options():
+    base = {"quantizer": {"name": "hqq"}, "adapter": {"spec": "lora+rslora"}}
+    assert report.title({**base, "quant_spec": "hqq:nbits=2"}) == "hqq:nbits=2 × lora+rslora"
+    assert report.title(base) == "hqq × lora+rslora"     # a report written before quant_spec
