@@ -54,6 +54,17 @@ def test_the_grid_writes_tables_and_plots_with_a_row_per_combination(grid_dir):
     assert hqq["ia3"][TRAINABLE] < hqq["lora:r=4"][TRAINABLE]
     with open(grid_dir / "comparison.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
+    # comparison.md opens with who won (issue 24) and lists the rows best edge score first
+    text = (grid_dir / "comparison.md").read_text()
+    best = max(ok, key=lambda r: r["edge_score"])
+    assert (f"- Best edge score within the memory budget (9537 MiB): **{best['quant']} × {best['adapter']}** "
+            f"({best['edge_score']:.3g}).") in text
+    assert f"(n = {ok[0]['perplexity:perplexity_n:after']})" in text.split("- perplexity after: ")[1].splitlines()[0]
+    assert "prompts pass_rate after: **" in text and "/2, ±" in text
+    ranked = [line.split(" | ")[:2] for line in text.split("Rows sorted by edge score")[1].splitlines()
+              if line.startswith("| none") or line.startswith("| hqq")]
+    by_score = sorted(ok, key=lambda r: -r["edge_score"])
+    assert ranked == [[f"| {r['quant']}", r["adapter"]] for r in by_score]
 
 
 def test_export_quant_adds_the_merge_cost_of_each_finished_cell(grid_dir, tiny_dir):
