@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from qpeft.core.durable import fsync
 from qpeft.core.errors import QpeftError
 
 MARKER = "COMPLETE"
@@ -90,17 +91,6 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries (renames), to the disk."""
-    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to fsync it
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def clean_temporaries(root: Path) -> None:
     """Remove what a killed :func:`save` left under ``root``.
 
@@ -153,12 +143,12 @@ def _write_contents(tmp: Path, state: dict) -> None:
     tensors: dict = {}
     skeleton = flatten(state, "s", tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
-    _fsync(tmp / "state.safetensors")
+    fsync(tmp / "state.safetensors")
     _write(tmp / "state.json", json.dumps(skeleton).encode())
     manifest = {"format": 1, "files": {f: _digest(tmp / f) for f in FILES}}
     _write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     _write(tmp / MARKER, b"ok\n")  # last: a directory with the marker is whole
-    _fsync(tmp)
+    fsync(tmp)
 
 
 def _put_in_place(tmp: Path, directory: Path, keep_old: Path | None = None) -> None:
@@ -176,7 +166,7 @@ def _put_in_place(tmp: Path, directory: Path, keep_old: Path | None = None) -> N
             raise
     else:
         os.replace(tmp, directory)
-    _fsync(directory.parent)
+    fsync(directory.parent)
     if keep_old is None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -196,7 +186,7 @@ def set_aside(directory: Path) -> Path:
     """Rename a damaged checkpoint to :func:`aside_name` (kept for a look, never loaded)."""
     target = aside_name(directory)
     os.replace(directory, target)
-    _fsync(target.parent)
+    fsync(target.parent)
     return target
 
 

@@ -22,6 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
+from qpeft.core.durable import fsync
 from qpeft.core.errors import QpeftError
 from qpeft.core.version import __version__
 
@@ -84,7 +85,7 @@ def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
         if directory.exists():
             os.replace(directory, aside)
         os.replace(staged, directory)
-        _fsync(directory.parent)
+        fsync(directory.parent)
     except Exception as exc:   # OSError, or safetensors' SafetensorError wrapping one
         if aside.exists() and not directory.exists():
             with contextlib.suppress(OSError):
@@ -109,15 +110,7 @@ def _write_all(staged: Path, tensors: dict, files: dict) -> None:
     for name in (WEIGHTS, *files):
         with open(staged / name, "rb") as f:
             os.fsync(f.fileno())
-    _fsync(staged)
-
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(staged)
 
 
 def _reason(exc: Exception) -> str:
