@@ -8,7 +8,8 @@ raises ``AssertionError`` naming the plugin and what failed. What they check::
                re-quantizing the same weight is exact; set_weight re-quantizes
                + the adapter cell below under every registered adapter method
     adapter    the adapter cell over every registered quantizer (int8 included)
-    cell       loss falls in a few AdamW steps (every part's on_step_begin called);
+    cell       loss falls in a few AdamW steps (every part's training hooks called as
+               the trainer calls them; its state_dict → checkpoint → load_state_dict exact);
                save → load into a freshly attached model gives identical outputs;
                merge gives a plain model equal to the adapted one, within the quantizer's
                own gap between its matmul and its dequantized weight
@@ -205,25 +206,49 @@ def update_survives(reference, quantizer, compose, where: str) -> float:
 
 
 def train(model, batch, plugins, where: str):
-    """A few AdamW steps, calling every plugin's ``on_step_begin`` as the trainer does;
-    asserts the loss fell and returns the logits of the trained model in eval mode."""
+    """A few AdamW steps, calling every plugin's training hooks as the trainer does (one
+    micro-batch, clipping at 1.0; core/train_hooks.py); asserts the loss fell and that the
+    plugins' state_dict survives a checkpoint, and returns the trained model's logits in eval mode."""
     import torch
+
+    from qpeft.core.train_hooks import TrainFacts, TrainHooks
 
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, f"{where}: attach left no trainable parameter"
     losses, optimizer = [], torch.optim.AdamW(params, lr=LR)
+    hooks, facts = TrainHooks(plugins), TrainFacts(STEPS, 1, 1, 0, 0, str(params[0].device))
     model.train()
+    hooks.train_begin(model, facts)
     for step in range(STEPS):
-        for plugin in plugins:
-            plugin.on_step_begin(step, model)
+        hooks.step_begin(step, model)
         loss = model(batch, labels=batch).loss
         assert loss.requires_grad, f"{where}: the loss does not depend on the trainable tensors"
-        loss.backward()
+        hooks.add_extra(loss, model, step, 1.0).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        hooks.gradients(model, step)
         optimizer.step()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
+        hooks.step_end(model, step)
         losses.append(round(loss.item(), 4))
     assert losses[-1] < losses[0] - 1e-3, f"{where}: loss did not fall in {STEPS} steps: {losses}"
-    return logits(model.eval(), batch)
+    model.eval()
+    hooks.train_end(model, facts)
+    state_survives(hooks, where)
+    return logits(model, batch)
+
+
+def state_survives(hooks, where: str) -> None:
+    """The plugins' ``state_dict()`` goes through a checkpoint (tensors and JSON, verified)
+    and back through ``load_state_dict``, which restores it exactly."""
+    from qpeft.core import checkpoint
+
+    state, before, after = hooks.state(), {}, {}
+    with tempfile.TemporaryDirectory() as tmp, stage(where, "state_dict → checkpoint → load_state_dict"):
+        saved = checkpoint.save(Path(tmp) / "step-000001", {"plugins": state})
+        hooks.load(checkpoint.load(saved)["plugins"], saved.name, say=lambda line: None)
+        shapes = checkpoint.flatten(state, "s", before), checkpoint.flatten(hooks.state(), "s", after)
+    same = shapes[0] == shapes[1] and before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+    assert same, f"{where}: load_state_dict(state_dict()) through a checkpoint does not restore the state"
 
 
 @contextlib.contextmanager

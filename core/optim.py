@@ -39,3 +39,14 @@ def build_schedule(optimizer, cfg, total_steps: int):
         return 1.0 - progress
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_settings(optimizer, scheduler, cfg) -> None:
+    """This run's --lr, --weight-decay and schedule over a restored optimizer and scheduler
+    state (which hold the values of the run that wrote the checkpoint): a resume may change
+    them, and the next step uses them. Unchanged, the values are the same bits as before."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -27,6 +27,18 @@ class Origin:
         return f"{self.distribution} {self.version}"
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainFacts:
+    """What :meth:`Plugin.on_train_begin` and :meth:`Plugin.on_train_end` receive."""
+
+    total_steps: int      # optimizer steps of the whole run
+    grad_accum: int       # micro-batches per optimizer step (in each process)
+    world_size: int       # data-parallel processes
+    rank: int             # this process (0: the one that logs and checkpoints)
+    start_step: int       # 0, or the step a resumed run continues from
+    device: str           # where the model trains ("cpu", "cuda:0")
+
+
 class Plugin:
     """Base of the three plugin kinds. Subclasses set ``name`` and ``description``."""
 
@@ -53,11 +65,44 @@ class Plugin:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
 
-    # -- lifecycle hooks (optional; the defaults do nothing) ---------------------------
+    # -- training hooks (optional; the defaults do nothing) -----------------------------
+    # The trainer calls them on every plugin of a run — quantizer, adapter method, its
+    # modifiers, evaluators, in that order — with keyword arguments (except on_step_begin),
+    # so a hook may gain arguments later. When each runs: docs/writing-plugins.md.
+    def on_train_begin(self, model, facts: "TrainFacts") -> None:
+        """Once, before the first step of this process's training (after a resume restored
+        the weights and :meth:`load_state_dict`; ``facts.start_step`` says where it starts)."""
+
     def on_step_begin(self, step: int, model) -> None:
-        """Called by the trainer on every plugin of a run (quantizer, adapter parts,
-        evaluators) before optimizer step ``step`` (0-based) — QDyLoRA samples its rank
-        here. Default: nothing."""
+        """Before optimizer step ``step`` (0-based), before its first micro-batch — QDyLoRA
+        samples its rank here. Called positionally."""
+
+    def extra_loss(self, model, step: int):
+        """A scalar tensor added to each micro-batch's loss after its forward pass, weighted
+        as that micro-batch's mean task loss is (so it is averaged like it), and logged as
+        ``loss/<name>`` in metrics.jsonl. None: no term for this micro-batch."""
+        return None
+
+    def on_gradients(self, model, step: int) -> None:
+        """Once per optimizer step, after every micro-batch's backward, the all-reduce across
+        processes and clipping; before the optimizer steps (the gradients are in ``.grad``)."""
+
+    def on_step_end(self, model, step: int) -> None:
+        """After optimizer step ``step``, the schedule's step and ``zero_grad`` (``.grad`` is
+        None by then), before the step is logged, evaluated and checkpointed."""
+
+    def on_train_end(self, model, facts: "TrainFacts") -> None:
+        """Once, when every step is done, after the final checkpoint (the model in eval mode).
+        Not called when a signal or an error stops training."""
+
+    def state_dict(self) -> dict | None:
+        """This plugin's own training state (EMA scores, masks): nested dicts and lists of
+        tensors, numbers and strings, saved in every checkpoint. None: it keeps none."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (tensors come back on the CPU), on
+        ``--resume`` before :meth:`on_train_begin`."""
 
     @classmethod
     def listing_extras(cls) -> dict:

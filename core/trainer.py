@@ -4,9 +4,10 @@
               backward → (all-reduce grads across processes) → clip → optimizer → schedule
               every N steps: log (metrics.jsonl, progress bar), evaluate, checkpoint
 
-Plugins act during training through one general hook: any plugin object of the run
-(quantizer, adapter parts, evaluators) that defines ``on_step_begin(step, model)`` is
-called before each optimizer step — QDyLoRA samples its rank there.
+Plugins act during training through the hooks that ``Plugin`` declares (on_train_begin,
+on_step_begin, extra_loss, on_gradients, on_step_end, on_train_end, state_dict), called on
+every plugin of the run (quantizer, adapter parts, evaluators) by ``core/train_hooks.py``;
+the timeline is in docs/writing-plugins.md.
 """
 import contextlib
 import dataclasses
@@ -24,7 +25,8 @@ from qpeft.core import checkpoint, distributed, lean, memory
 from qpeft.core.config import TrainConfig
 from qpeft.core.errors import QpeftError
 from qpeft.core.loss import token_loss_sum
-from qpeft.core.optim import build_optimizer, build_schedule
+from qpeft.core.optim import apply_settings, build_optimizer, build_schedule
+from qpeft.core.train_hooks import TrainFacts, TrainHooks
 
 
 class TrainingError(QpeftError):
@@ -129,7 +131,7 @@ class Trainer:
         self.unverified_checkpoints = unverified_checkpoints   # the run predates checkpoint manifests
         self.damaged: list[Path] = []    # found on resume; moved aside after the next good checkpoint
         self.run_dir, self.device = Path(run_dir), torch.device(device)
-        self.hooks = list(hooks)   # plugins: on_step_begin is declared on Plugin
+        self.hooks = TrainHooks(hooks)   # plugins: the training hooks are declared on Plugin
         self.evaluate = evaluate
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -144,6 +146,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.scheduler = build_schedule(self.optimizer, config, self.total_steps)
         self.step, self.epoch, self.index = 0, 0, 0
+        self.extra: dict = {}          # this step's extra loss terms, logged as loss/<name>
         self.history: list = []
         self.stop_signal: int | None = None
 
@@ -166,6 +169,9 @@ class Trainer:
         if self.cfg.gradient_checkpointing:
             enable_checkpointing(self.model)
         self.model.train()
+        facts = TrainFacts(self.total_steps, self.cfg.grad_accum, self.dist.world, self.dist.rank,
+                           self.step, str(self.device))
+        self.hooks.train_begin(self.model, facts)
         memory.reset_peak(self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.cfg.progress or not self.dist.is_main)
@@ -178,6 +184,7 @@ class Trainer:
         self.model.eval()
         if self.cfg.save_every:
             self._checkpoint_unless_saved()
+        self.hooks.train_end(self.model, facts)
         if math.isnan(loss):    # resumed at its last step (a finished run): nothing trained now
             loss = next((r["loss"] for r in reversed(self.history) if "loss" in r), loss)
         return TrainResult(self.step, loss, time.perf_counter() - started, tokens, self.history)
@@ -185,15 +192,14 @@ class Trainer:
     def _loop(self, bar, started: float) -> tuple[float, int]:
         tokens, loss = 0, float("nan")
         while self.step < self.total_steps:
-            for hook in self.hooks:
-                hook.on_step_begin(self.step, self.model)
+            self.hooks.step_begin(self.step, self.model)
             loss, n = self._optimizer_step()
             self.step += 1
             tokens += n
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 rate = tokens / max(time.perf_counter() - started, 1e-9)
-                record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                record = {"step": self.step, "loss": loss, **self.extra, "lr": self.scheduler.get_last_lr()[0],
                           "tokens_per_s": rate, "memory_mb": memory.current_mb(self.device)}
                 self._log(record, bar)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.evaluate:
@@ -261,19 +267,24 @@ class Trainer:
         for batch in micro_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with memory.autocast(self.device, self.model):
-                s, _ = token_loss_sum(self.model, **batch)
-            (s / total * self.dist.world).backward()   # world × mean: all-reduce averages
+                s, n = token_loss_sum(self.model, **batch)
+            # world × mean: all-reduce averages; an extra term weighs as this micro-batch's mean s/n
+            weight = n / total * self.dist.world
+            self.hooks.add_extra(s / total * self.dist.world, self.model, self.step, weight, n).backward()
             loss_sum += s.item()
         loss = self.dist.sum_float(loss_sum) / total
+        self.extra = self.hooks.extra_logged(total, self.dist.sum_float)
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} at step {self.step + 1}; "
                                 "lower --lr or check the data")
         self.dist.average_grads(self.params)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.hooks.gradients(self.model, self.step)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.hooks.step_end(self.model, self.step)
         return loss, seen
 
     def _next_batch(self) -> dict:
@@ -326,7 +337,7 @@ class Trainer:
                  "position": {"step": self.step, "epoch": self.epoch, "index": self.index},
                  "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                          "python_pos": random.getstate()[2]},
-                 "history": self.history}
+                 "history": self.history, "plugins": self.hooks.state()}
         directory = self._checkpoint_dir()
         keep = checkpoint.aside_name(directory) if directory in self.damaged else None
         checkpoint.save(directory, state, keep_old=keep)
@@ -371,33 +382,22 @@ class Trainer:
                          "restarting this run from step 0 in place")
                 self._write_metrics("", "w")
             return
-        _, state = found
+        where, state = found
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["weights"].items():
                 named[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_settings()
+        apply_settings(self.optimizer, self.scheduler, self.cfg)
         pos = state["position"]
         self.step, self.epoch, self.index = pos["step"], pos["epoch"], pos["index"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), state["rng"]["python_pos"]))
         self.history = list(state["history"])
+        self.hooks.load(state.get("plugins"), where.name, self.say if self.dist.is_main else _quiet)
         if self.dist.is_main:  # drop lines logged after that checkpoint by the killed run
             self._write_metrics("".join(json.dumps(r) + "\n" for r in self.history), "w")
-
-
-    def _apply_settings(self) -> None:
-        """This run's --lr, --weight-decay and schedule over the restored optimizer and
-        scheduler state (which hold the values of the run that wrote the checkpoint): a
-        resume may change them, and the next step uses them. Unchanged, the values are the
-        same bits as before."""
-        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
-            group["lr"] = self.cfg.lr * factor(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 def _quiet(line: str) -> None:
