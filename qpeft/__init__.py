@@ -11,7 +11,7 @@ from qpeft.core.hookspecs import hookimpl
 from qpeft.core.version import __version__
 
 PUBLIC = {  # core module → the names it provides here; plugins (built-in ones too) use nothing else
-    "qpeft.core.plugin": ["Plugin"],
+    "qpeft.core.plugin": ["Plugin", "TrainFacts"],
     "qpeft.core.quantizer": ["Quantizer", "QuantizerOptions", "QuantizedLinear", "LayerStats", "DTYPES",
                              "model_bytes", "quantized_layers"],
     "qpeft.core.adapter": ["Adapter"],
