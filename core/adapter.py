@@ -94,6 +94,12 @@ class Adapter(Plugin):
         Called after the adapter is saved. Default: none."""
         return {}
 
+    def report_facts(self, model) -> dict:
+        """What the run report says about the trained adapter, under "Adapter" (AdaLoRA: the
+        rank each layer ended with). Numbers and strings are listed in report.md; nested
+        values go to report.json only. Called after training. Default: nothing."""
+        return {}
+
     def select_rank(self, model, rank: int) -> None:
         """Evaluate and export at ``rank`` (``qpeft eval --rank``); a dynamic-rank method
         overrides it. Default: refuse, since the method has one rank."""

@@ -38,8 +38,8 @@ class AdapterLayer(nn.Module):
         missing = sorted(set(own) - set(tensors))
         if missing:
             raise QpeftError(f"saved adapter lacks {', '.join(missing)} for a {type(self).__name__}")
-        for key, tensor in own.items():
-            if tensors[key].numel() != tensor.numel():
+        for key, tensor in own.items():   # equal shapes up to dimensions of size 1 (IA³'s [n] and [1, n])
+            if _squeezed(tensors[key].shape) != _squeezed(tensor.shape):
                 raise TensorShapeError(f"{key} is {list(tensors[key].shape)}, but this model's layer needs "
                                        f"{list(tensor.shape)}")
         with torch.no_grad():
@@ -66,6 +66,10 @@ class AdapterLayer(nn.Module):
             linear.bias.copy_(bias)
         return linear.requires_grad_(False)
 
+
+
+def _squeezed(shape) -> tuple:
+    return tuple(n for n in shape if n != 1)
 
 
 # -- model-level helpers shared by every method ------------------------------------------

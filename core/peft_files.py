@@ -11,7 +11,8 @@ from qpeft.core.errors import QpeftError
 from qpeft.core.peft_format import CONFIG, PREFIX, WEIGHTS
 
 TENSORS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",  # PEFT name → key in our layers
-           "lora_magnitude_vector": "lora_magnitude_vector", "ia3_l": "ia3_l"}
+           "lora_magnitude_vector": "lora_magnitude_vector", "ia3_l": "ia3_l", "lora_E": "lora_E"}
+BARE = {"lora_A": "lora_A", "lora_B": "lora_B"}   # AdaLoRA's P and Q: parameters, saved without ".weight"
 
 
 def check_directory(directory: Path) -> None:
@@ -110,13 +111,14 @@ def tensor_names(path: Path, shapes: dict) -> tuple[dict, list[str]]:
         elif name.startswith("lora_embedding_"):   # the root cause of any stray embedding tensor: first
             problems.insert(0, f"{path} holds a LoRA on the embedding {module}; qpeft adapts linear layers "
                             f"only: retrain without it in target_modules")
-        elif len(rest) > 1 or name in ("lora_A", "lora_B") and not key.endswith(".weight"):
+        elif len(rest) > 1 or name in BARE and rest and not key.endswith(".weight"):
             problems.append(f"{path} holds '{key}', a tensor name qpeft does not know (a LoRA bias?)")
-        elif (module, TENSORS[name]) in out.values():
-            problems.append(f"{path} holds {TENSORS[name]} for {module} twice (e.g. '{key}')")
+        elif (module, ours := BARE[name] if name in BARE and not key.endswith(".weight")
+               else TENSORS[name]) in out.values():
+            problems.append(f"{path} holds {ours} for {module} twice (e.g. '{key}')")
         else:
             adapters.update(rest)
-            out[key] = (module, TENSORS[name])
+            out[key] = (module, ours)
     if len(adapters) > 1:
         problems.append(f"{path} holds several adapters ({', '.join(sorted(adapters))}); save one of them")
     if not shapes:

@@ -76,7 +76,7 @@ class Imported:
         if self.written_by_qpeft:
             peft_format.load_tensors(model, self.directory)
             return
-        from qpeft.core.adapter_layers import adapter_layers
+        from qpeft.core.adapter_layers import TensorShapeError, adapter_layers
 
         saved: dict = {}
         for key, tensor in peft_format.read_tensors(self.directory / WEIGHTS).items():
@@ -90,14 +90,14 @@ class Imported:
                     raise QpeftError(f"{self.directory / WEIGHTS} has no {key} for {path} (this model's layer "
                                      f"needs {list(own.shape)}); the file is incomplete, or the adapter "
                                      f"was made for another base model")
-                if tuple(got[key].shape) != tuple(own.shape):
-                    raise QpeftError(f"{path}: the adapter's {key} is {list(got[key].shape)} but this model's "
-                                     f"layer needs {list(own.shape)}{self._other_model()}")
             extra = sorted(set(got) - set(layer.adapter_tensors()))
             if extra:
                 raise QpeftError(f"{self.directory / WEIGHTS} has {extra[0]} for {path}, which the adapter "
                                  f"'{self.composition.method.name}' does not hold; check use_dora in {CONFIG}")
-            layer.load_adapter_tensors(got)
+            try:   # the layer checks the shapes (AdaLoRA takes a pruned rank, QDyLoRA any rank ≤ its own)
+                layer.load_adapter_tensors(got)
+            except TensorShapeError as exc:
+                raise QpeftError(f"{path}: the adapter's {exc}{self._other_model()}") from None
         if saved:
             self._unused(model, sorted(saved)[0])
         self._check_complete(model, layers)

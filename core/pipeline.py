@@ -207,7 +207,8 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
                     saved.append(run_dir / "adapter")
             after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
             after.update(evaluate_variants(p, model, ctx, facts, say))
-            out = report.build(record, before, after, facts, result, stats, p.evaluators)
+            out = report.build(record, before, after, facts, result, stats, p.evaluators,
+                               p.adapter.method.report_facts(model))
             if world.is_main:
                 with stops.held():
                     report.write(run_dir, out, result.history)

@@ -17,7 +17,8 @@ def brief(metrics: dict) -> str:
     return " ".join(f"{k}={with_count(metrics, k)}" for k in shown)
 
 
-def build(record, before: dict, after: dict, facts: dict, result, encode_stats, evaluators=()) -> dict:
+def build(record, before: dict, after: dict, facts: dict, result, encode_stats, evaluators=(),
+          adapter_facts: dict | None = None) -> dict:
     """Everything a comparison needs about one run (``record``: its RunRecord;
     ``higher_is_better`` per evaluator is kept so that ``qpeft compare`` ranks any metric)."""
     recorded = record.to_dict()
@@ -32,6 +33,7 @@ def build(record, before: dict, after: dict, facts: dict, result, encode_stats, 
                      "seconds": round(result.seconds, 2), "tokens": result.tokens,
                      "examples": dataclasses.asdict(encode_stats)},
         "higher_is_better": {e.name: dict(e.higher_is_better) for e in evaluators},
+        "adapter_facts": adapter_facts or {},     # the method's report_facts (AdaLoRA: final ranks)
     }
 
 
@@ -66,6 +68,10 @@ def markdown(report: dict) -> str:
               f"- examples kept/truncated/dropped: {t['examples']['kept']}/"
               f"{t['examples']['truncated']}/{t['examples']['dropped']}", "", "## Footprint", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in report["facts"].items()]
+    shown = {k: v for k, v in report.get("adapter_facts", {}).items() if isinstance(v, (int, float, str))}
+    if shown:
+        lines += ["", "## Adapter", "", *(f"- {k}: {_fmt(v)}" for k, v in shown.items()),
+                  *(["- per layer: report.json"] if len(shown) < len(report["adapter_facts"]) else [])]
     lines += ["", "![loss](loss.png)", ""]
     return "\n".join(lines)
 

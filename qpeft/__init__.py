@@ -19,7 +19,7 @@ PUBLIC = {  # core module → the names it provides here; plugins (built-in ones
     "qpeft.core.options": ["option"],
     "qpeft.core.errors": ["QpeftError", "OptionsError", "UnknownPluginError", "PluginLoadError",
                           "ModelLoadError", "closest"],
-    "qpeft.core.adapter_layers": ["AdapterLayer", "ALL_LINEAR", "adapter_layers", "find_targets",
+    "qpeft.core.adapter_layers": ["AdapterLayer", "ALL_LINEAR", "TensorShapeError", "adapter_layers", "find_targets",
                                   "mark_trainable", "merge_model", "layer_device"],
     "qpeft.core.adapter_method": ["AdapterMethod"],
     "qpeft.core.lowrank": ["LowRankMethod", "LoRALinear", "LowRankOptions", "LoRAOptions",

@@ -187,7 +187,7 @@ def test_training_continues_from_a_peft_adapter(tiny_dir, base, written, tmp_pat
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("peft_type", "LOHA", "peft_type 'LOHA' is not supported; qpeft loads IA3, LORA adapters"),
+    ("peft_type", "LOHA", "peft_type 'LOHA' is not supported; qpeft loads ADALORA, IA3, LORA adapters"),
     ("rank_pattern", {"q_proj": 8}, "rank_pattern={\"q_proj\": 8} is not supported: qpeft uses one r"),
     ("alpha_pattern", {"q_proj": 32}, "alpha_pattern={\"q_proj\": 32} is not supported"),
     ("modules_to_save", ["lm_head"], "modules_to_save=[\"lm_head\"] is not supported: those modules were trained"),
