@@ -34,6 +34,7 @@ MAIN = list(KINDS)
 # OLoRA rewrote the base; PEFT and qpeft both run it again on load (exactly over `none`;
 # over nf4 qpeft re-quantizes the rewritten base, PEFT keeps it in fp32, so no nf4 parity).
 KINDS["olora"] = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights="olora")
+KINDS["pissa"] = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights="pissa")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,7 @@ def test_a_peft_adapter_gives_peft_logits(quantized, base, written, batch, kind)
     spec = peft_import.read(written[kind]).spec
     assert spec.startswith("dora" if kind == "dora" else "ia3" if kind == "ia3" else "lora:r=4:alpha=8")
     assert spec.endswith("+rslora") == (kind == "rslora") and spec.endswith("+olora") == (kind == "olora")
+    assert spec.endswith("+pissa:niter=0") == (kind == "pissa")
     expected = logits(theirs(base, written[kind]), batch)
     assert (logits(base, batch) - expected).abs().max() > 1e-2          # the adapter does something
     torch.testing.assert_close(logits(ours(quantized, written[kind]), batch), expected, rtol=0, atol=1e-5)
@@ -194,7 +196,7 @@ def test_training_continues_from_a_peft_adapter(tiny_dir, base, written, tmp_pat
     ("layers_to_transform", [0], "layers_to_transform=[0] is not supported: qpeft selects layers by name"),
     ("bias", "all", "bias=\"all\" is not supported: the adapter trained the base model's biases"),
     ("fan_in_fan_out", True, "fan_in_fan_out=true is not supported: that is for GPT-2-style Conv1D"),
-    ("init_lora_weights", "pissa", "init_lora_weights=\"pissa\" is not supported: that initialisation rewrote"),
+    ("init_lora_weights", "corda", "init_lora_weights=\"corda\" is not supported: that initialisation rewrote"),
     ("lora_bias", True, "lora_bias=true is not supported"),
     ("use_qalora", True, "use_qalora=true is not supported: qpeft does not support it"),
     ("r", 8, "lora_A.weight has rank 4, but"),

@@ -25,6 +25,7 @@ import dataclasses
 import torch
 
 from qpeft import Adapter, QpeftError, hookimpl, option
+from qpeft.plugins.adapters._svd import low_rank, source_weight
 
 
 @dataclasses.dataclass
@@ -60,20 +61,6 @@ class LoftQ(Adapter):
                              "quantizer such as nf4 or hqq, or drop '+loftq'")
         layer.lora_B.copy_(b)
         layer.lora_A.copy_(a)
-
-
-def source_weight(layer) -> torch.Tensor:
-    """The full-precision W (``base.source_weight``) if kept, else the dequantized Ŵ (float32)."""
-    kept = layer.base.source_weight
-    weight = kept if kept is not None else layer.base.dequantize()
-    return weight.detach().float().to(layer.lora_A.device)
-
-
-def low_rank(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` with B·A the best rank-r approximation of ``residual``, √S on both sides."""
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = s[:r].sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r]
 
 
 @hookimpl
