@@ -44,7 +44,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
     seed: int = 42
     log_every: int = 5
-    eval_every: int = 0
+    eval_every: int = -1              # -1: five times per run (every steps/5)
     save_every: int = 50
     gradient_checkpointing: bool = False
     progress: bool = True
@@ -127,7 +127,7 @@ RANGES = {  # every numeric setting of RunConfig and TrainConfig → its range
     "max_grad_norm": Range("1.0", low=0),
     "seed": Range("42", low=0, high=2**32 - 1),         # what every seeded RNG accepts (numpy: 32-bit)
     "log_every": Range("5", low=1),
-    "eval_every": Range("20", low=0),
+    "eval_every": Range("20", low=-1),
     "save_every": Range("50", low=0),
 }
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

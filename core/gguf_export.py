@@ -20,6 +20,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from qpeft.core import progress
 from qpeft.core.errors import QpeftError
 from qpeft.core.rundir import Staged, disk_error
 
@@ -227,11 +228,13 @@ def write(model, tokenizer, path, type_name: str, name: str) -> dict:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, model.config.vocab_size)
     counts, fallback = Counter(), []
-    for tensor_name, array, kind in _arrays(model, plan):
-        writer.add_tensor(tensor_name, quantize(array, kind), raw_dtype=kind)
-        counts[kind.name.lower()] += 1
-        if kind.name == "F16" and type_name != "f16" and array.ndim == 2:
-            fallback.append(tensor_name)
+    with progress.evaluating(f"GGUF {type_name}"), progress.bar(len(plan), "tensor") as done:
+        for tensor_name, array, kind in _arrays(model, plan):      # quantizing is the long part
+            writer.add_tensor(tensor_name, quantize(array, kind), raw_dtype=kind)
+            counts[kind.name.lower()] += 1
+            if kind.name == "F16" and type_name != "f16" and array.ndim == 2:
+                fallback.append(tensor_name)
+            done.update(1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -63,7 +63,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {metric} | {with_count(before, metric)} | {with_count(after, metric)} |")
     t = report["training"]
     lines += ["", "## Training", "",
-              f"- steps: {t['steps']}, final loss: {_fmt(t['final_loss'])}, tokens: {t['tokens']}, "
+              f"- steps: {t['steps']}, final loss (mean of the last logging window): {_fmt(t['final_loss'])}, "
+              f"tokens: {t['tokens']}, "
               f"time: {t['seconds']} s",
               f"- examples kept/truncated/dropped: {t['examples']['kept']}/"
               f"{t['examples']['truncated']}/{t['examples']['dropped']}", "", "## Footprint", ""]
@@ -90,17 +91,21 @@ def with_count(metrics: dict, metric: str) -> str:
 
 
 def loss_plot(history: list, path: Path, title: str = "") -> None:
-    """Training loss against step."""
+    """Training loss (each step faintly, window means, EMA) and validation loss against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("loss", "training"), ("eval_loss", "validation")):
+    styles = {"loss": ("one step", {"alpha": 0.25, "linestyle": "none", "marker": "."}),
+              "loss_mean": ("training (window mean)", {"marker": "."}),
+              "loss_ema": ("training (EMA)", {"linestyle": "--"}),
+              "eval_loss": ("validation", {"marker": "o"})}
+    for key, (label, style) in styles.items():
         points = [(r["step"], r[key]) for r in history if key in r]
         if points:
-            ax.plot(*zip(*points), marker=".", label=label)
+            ax.plot(*zip(*points), label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

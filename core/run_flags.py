@@ -35,7 +35,7 @@ SETTINGS = [  # (flag, type, help) — the field is the flag with '_' for '-'
     ("--optimizer", click.Choice(["adamw", "paged_adamw_32bit", "paged_adamw_8bit"]), "optimizer; paged ones need CUDA [default: adamw]"),
     ("--seed", int, "seed for data order, split, init and dropout [default: 42]"),
     ("--log-every", int, "log every N steps [default: 5]"),
-    ("--eval-every", int, "evaluate the validation loss every N steps, 0 never [default: 0]"),
+    ("--eval-every", int, "validation loss every N steps (in metrics.jsonl and loss.png), 0 never [default: -1, five times per run]"),
     ("--save-every", int, "checkpoint every N steps [default: 50]"),
     ("--name", str, "run name [default: QUANT-ADAPTER]"),
     ("--output-dir", click.Path(file_okay=False), "where run directories go [default: runs]"),

@@ -25,6 +25,7 @@ from qpeft.core import checkpoint, distributed, lean, memory
 from qpeft.core.config import TrainConfig
 from qpeft.core.errors import QpeftError
 from qpeft.core.loss import token_loss_sum
+from qpeft.core.loss_log import LossLog
 from qpeft.core.optim import apply_settings, build_optimizer, build_schedule
 from qpeft.core.train_hooks import TrainFacts, TrainHooks
 
@@ -147,6 +148,8 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, config, self.total_steps)
         self.step, self.epoch, self.index = 0, 0, 0
         self.extra: dict = {}          # this step's extra loss terms, logged as loss/<name>
+        self.losses = LossLog()        # loss_mean over the logging window, loss_ema
+        self.eval_every = config.eval_every if config.eval_every >= 0 else max(1, self.total_steps // 5)
         self.history: list = []
         self.stop_signal: int | None = None
 
@@ -185,27 +188,32 @@ class Trainer:
         if self.cfg.save_every:
             self._checkpoint_unless_saved()
         self.hooks.train_end(self.model, facts)
-        if math.isnan(loss):    # resumed at its last step (a finished run): nothing trained now
-            loss = next((r["loss"] for r in reversed(self.history) if "loss" in r), loss)
-        return TrainResult(self.step, loss, time.perf_counter() - started, tokens, self.history)
+        final = self.losses.last_mean      # the mean over the last logging window
+        if math.isnan(final):   # resumed at its last step (a finished run): nothing trained now
+            final = next((r.get("loss_mean", r["loss"]) for r in reversed(self.history) if "loss" in r), loss)
+        return TrainResult(self.step, final, time.perf_counter() - started, tokens, self.history)
 
     def _loop(self, bar, started: float) -> tuple[float, int]:
         tokens, loss = 0, float("nan")
         while self.step < self.total_steps:
             self.hooks.step_begin(self.step, self.model)
             loss, n = self._optimizer_step()
+            self.losses.add(loss)
             self.step += 1
             tokens += n
             bar.update(1)
+            record = {}      # one metrics.jsonl line per step at most: training, validation or both
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 rate = tokens / max(time.perf_counter() - started, 1e-9)
-                record = {"step": self.step, "loss": loss, **self.extra, "lr": self.scheduler.get_last_lr()[0],
-                          "tokens_per_s": rate, "memory_mb": memory.current_mb(self.device)}
-                self._log(record, bar)
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.evaluate:
+                record = {"step": self.step, "loss": loss, **self.extra, **self.losses.fields(),
+                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate,
+                          "memory_mb": memory.current_mb(self.device)}
+            if self.eval_every and self.step % self.eval_every == 0 and self.evaluate:
                 self.model.eval()
-                self._log({"step": self.step, **self.evaluate(self.model)}, None)
+                record = {"step": self.step, **record, **self.evaluate(self.model)}
                 self.model.train()
+            if record:
+                self._log(record, bar)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save_checkpoint()
             if self._stop_requested():
@@ -296,9 +304,10 @@ class Trainer:
 
     def _log(self, record: dict, bar) -> None:
         self.history.append(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_mb']:.0f}MB")
+        if "loss" in record:
+            shown = {"loss": f"{record['loss_ema']:.4f}", "lr": f"{record['lr']:.1e}",
+                     "tok_s": f"{record['tokens_per_s']:.0f}", "mem": f"{record['memory_mb']:.0f}MB"}
+            bar.set_postfix({**shown, **({"val": f"{record['eval_loss']:.4f}"} if "eval_loss" in record else {})})
         if self.dist.is_main:
             self._write_metrics(json.dumps(record) + "\n", "a")
 
@@ -337,7 +346,7 @@ class Trainer:
                  "position": {"step": self.step, "epoch": self.epoch, "index": self.index},
                  "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                          "python_pos": random.getstate()[2]},
-                 "history": self.history, "plugins": self.hooks.state()}
+                 "history": self.history, "plugins": self.hooks.state(), "losses": self.losses.state()}
         directory = self._checkpoint_dir()
         keep = checkpoint.aside_name(directory) if directory in self.damaged else None
         checkpoint.save(directory, state, keep_old=keep)
@@ -395,6 +404,7 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), state["rng"]["python_pos"]))
         self.history = list(state["history"])
+        self.losses.load(state.get("losses"))
         self.hooks.load(state.get("plugins"), where.name, self.say if self.dist.is_main else _quiet)
         if self.dist.is_main:  # drop lines logged after that checkpoint by the killed run
             self._write_metrics("".join(json.dumps(r) + "\n" for r in self.history), "w")

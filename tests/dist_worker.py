@@ -15,16 +15,20 @@ from test_trainer import adapted_tiny, cfg, source  # noqa: E402
 
 from qpeft.core.testing import tiny_tokenizer  # noqa: E402
 from qpeft.core.trainer import Trainer  # noqa: E402
+from qpeft import adapter_layers  # noqa: E402
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    out, spec = Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "lora:r=4:alpha=8:dropout=0")
     tokenizer = tiny_tokenizer()
     rank = int(os.environ.get("RANK", "0"))
-    model = adapted_tiny(tokenizer, adapter_seed=rank)
-    trainer = Trainer(model, source(tokenizer, 24), cfg(steps=4, batch_size=4), out)
+    model, composition = adapted_tiny(tokenizer, adapter_seed=rank, spec=spec, composition=True)
+    trainer = Trainer(model, source(tokenizer, 24), cfg(steps=int(os.environ.get("STEPS", "4")), batch_size=4),
+                      out, hooks=composition.parts)
     trainer.train()
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in trainer.trainable_state().items()},
-              str(out / f"adapter-rank{rank}.safetensors"))
+    state = {k: v.contiguous() for k, v in trainer.trainable_state().items()}
+    state.update({f"kept.{name}": layer.kept.to(torch.uint8)    # AdaLoRA's masks, derived from gradients
+                  for name, layer in adapter_layers(model).items() if hasattr(layer, "kept")})
+    save_file(state, str(out / f"adapter-rank{rank}.safetensors"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

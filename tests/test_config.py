@@ -113,7 +113,7 @@ def one_line_error(monkeypatch, *args) -> str:
     (["--grad-accum", "0"], "--grad-accum must be ≥ 1, got 0"),
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be divisible by --grad-accum 4"),
     (["--log-every", "0"], "--log-every must be ≥ 1, got 0"),
-    (["--eval-every", "-1"], "--eval-every must be ≥ 0, got -1"),
+    (["--eval-every", "-2"], "--eval-every must be ≥ -1, got -2"),
     (["--save-every", "-1"], "--save-every must be ≥ 0, got -1"),
     (["--eval-limit", "-1"], "--eval-limit must be ≥ 0, got -1"),
     (["--steps", "-1"], "--steps must be ≥ 0, got -1"),

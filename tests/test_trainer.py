@@ -17,14 +17,15 @@ from qpeft.core.trainer import Trainer, TrainConfig, TrainingError
 from qpeft.plugins.quantizers.none import NoQuantization
 
 
-def adapted_tiny(tokenizer, adapter_seed=0):
+def adapted_tiny(tokenizer, adapter_seed=0, spec="lora:r=4:alpha=8:dropout=0", composition=False):
     from qpeft.core.testing import tiny_model
 
     model = tiny_model(tokenizer=tokenizer, seed=0)
     NoQuantization(compute_dtype="float32").quantize_model(model)
     torch.manual_seed(adapter_seed)
-    compose("lora:r=4:alpha=8:dropout=0", registry.default()).attach(model)
-    return model
+    attached = compose(spec, registry.default())
+    attached.attach(model)
+    return (model, attached) if composition else model
 
 
 def source(tokenizer, n=48):
