@@ -22,7 +22,7 @@ def main() -> None:
     import torch
 
     import train_step
-    from qpeft.core import models
+    from qpeft.core.model import models
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--row", default="none-lora", help="QUANT-METHOD, as train_step.py's rows")

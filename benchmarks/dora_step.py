@@ -45,7 +45,8 @@ def time_steps(fns: list, layer, x, repeats: int) -> list[float]:
 def main() -> None:
     from torch import nn
 
-    from qpeft.core import registry, spec
+    from qpeft.core.plugin import registry
+    from qpeft.core.base import spec
     from qpeft.plugins.adapters.dora import DoRALinear
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -4,7 +4,7 @@ transformers + bitsandbytes, each in a fresh process, interleaved and repeated.
     for each repeat: for each method: python load_memory.py --child METHOD MODEL_DIR
         child: import → load and quantize → report VmHWM (peak RSS), VmRSS, seconds, bytes held
 
-Methods: stream-nf4 (``qpeft.core.streaming.load_quantized``, nf4), stream-hqq4 (the same,
+Methods: stream-nf4 (``qpeft.core.model.streaming.load_quantized``, nf4), stream-hqq4 (the same,
 hqq 4-bit), old-nf4 (``models.load_model`` in float32, then ``quantize_model``), bnb
 (``from_pretrained`` with ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant)``,
 ``device_map="cpu"``). The bound printed is the issue's target: bytes held + 2 × the largest
@@ -49,8 +49,9 @@ def child(method: str, directory: str) -> dict:
         AutoTokenizer.from_pretrained(directory)
         held = model.get_memory_footprint()
     else:
-        from qpeft.core import models, registry, streaming
-        from qpeft.core.quantizer import model_bytes
+        from qpeft.core.model import models, streaming
+        from qpeft.core.plugin import registry
+        from qpeft.core.kinds.quantizer import model_bytes
 
         name, values = ("hqq", {"nbits": 4}) if method == "stream-hqq4" else ("nf4", {})
         quantizer = registry.get("quantizer", name).from_values(values)

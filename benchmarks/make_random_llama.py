@@ -3,7 +3,7 @@
     LlamaConfig ──LlamaForCausalLM on meta──▶ names and shapes (no memory)
                 ──one seeded tensor at a time (norms 1, the rest N(0, 0.02²) in bf16)──▶
                 shards of at most --shard-gb, model.safetensors.index.json, config.json,
-                and the embedded model's tokenizer (``qpeft.core.models.resolve(None)``)
+                and the embedded model's tokenizer (``qpeft.core.model.models.resolve(None)``)
 
 Peak memory is one shard in bf16 plus one tensor in float32. The defaults are TinyLlama's
 shape (1.17 B parameters, untied), used by benchmarks/load_memory.py:
@@ -87,7 +87,7 @@ def write_random_llama(directory, shard_bytes: float = 1e9, seed: int = 0, token
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.save_pretrained(directory)
     if tokenizer:
-        from qpeft.core.models import resolve
+        from qpeft.core.model.models import resolve
 
         source = Path(resolve(None))
         for file in TOKENIZER_FILES:

@@ -23,8 +23,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default="auto")
     a = ap.parse_args()
-    from qpeft.core import models
-    from qpeft.core.quantizer import native_dtype
+    from qpeft.core.model import models
+    from qpeft.core.kinds.quantizer import native_dtype
 
     pair = a.pair.split(",")
     if len(pair) != 2 or not set(pair) <= set(train_step.METHODS):

@@ -81,9 +81,10 @@ class OneBatch:
 
 def qpeft_step(a, quant, method, batch, device):
     """qpeft's model and a function running one optimizer step of its Trainer."""
-    from qpeft.core import registry, streaming
-    from qpeft.core.adapter import compose
-    from qpeft.core.trainer import TrainConfig, Trainer, seed_everything
+    from qpeft.core.plugin import registry
+    from qpeft.core.model import streaming
+    from qpeft.core.kinds.adapter import compose
+    from qpeft.core.train.trainer import TrainConfig, Trainer, seed_everything
 
     reg = registry.default()
     quantizer = reg.get("quantizer", quant).from_values({"compute_dtype": a.dtype})
@@ -316,11 +317,11 @@ def main() -> None:
         print(json.dumps(child(a)))
         return
     if a.dtype == "auto":
-        from qpeft.core.quantizer import native_dtype
+        from qpeft.core.kinds.quantizer import native_dtype
 
         a.dtype = native_dtype()
     if a.model is None:
-        from qpeft.core import models
+        from qpeft.core.model import models
 
         a.model = str(models.resolve(None))
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]

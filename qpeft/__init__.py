@@ -7,29 +7,30 @@ imports neither torch nor any plugin. The built-in plugins import nothing else e
 (tests/test_layering.py), so a name they need is added here, to :data:`PUBLIC`, and to
 that table.
 """
-from qpeft.core.hookspecs import hookimpl
-from qpeft.core.version import __version__
+from qpeft.core.plugin.hookspecs import hookimpl
+from qpeft.core.base.version import __version__
 
 PUBLIC = {  # core module → the names it provides here; plugins (built-in ones too) use nothing else
-    "qpeft.core.plugin": ["Plugin", "TrainFacts"],
-    "qpeft.core.quantizer": ["Quantizer", "QuantizerOptions", "QuantizedLinear", "LayerStats", "DTYPES",
-                             "model_bytes", "quantized_layers"],
-    "qpeft.core.adapter": ["Adapter"],
-    "qpeft.core.evaluator": ["Evaluator", "EvalContext"],
-    "qpeft.core.options": ["option"],
-    "qpeft.core.errors": ["QpeftError", "OptionsError", "UnknownPluginError", "PluginLoadError",
-                          "ModelLoadError", "closest"],
-    "qpeft.core.adapter_layers": ["AdapterLayer", "ALL_LINEAR", "TensorShapeError", "adapter_layers", "find_targets",
-                                  "mark_trainable", "merge_model", "layer_device"],
-    "qpeft.core.adapter_method": ["AdapterMethod"],
-    "qpeft.core.lowrank": ["LowRankMethod", "LoRALinear", "LowRankOptions", "LoRAOptions",
-                           "ScalingModifier", "InitModifier", "add_low_rank", "low_rank_values"],
-    "qpeft.core.data": ["Example", "exact_match"],
-    "qpeft.core.generation": ["generate", "padded"],
-    "qpeft.core.loss": ["mean_loss"],
+    "qpeft.core.plugin.base": ["Plugin", "TrainFacts"],
+    "qpeft.core.kinds.quantizer": ["Quantizer", "QuantizerOptions", "QuantizedLinear", "LayerStats", "DTYPES",
+                                   "model_bytes", "quantized_layers"],
+    "qpeft.core.kinds.adapter": ["Adapter"],
+    "qpeft.core.kinds.evaluator": ["Evaluator", "EvalContext"],
+    "qpeft.core.base.options": ["option"],
+    "qpeft.core.base.errors": ["QpeftError", "OptionsError", "UnknownPluginError", "PluginLoadError",
+                               "ModelLoadError", "closest"],
+    "qpeft.core.kinds.adapter_layers": ["AdapterLayer", "ALL_LINEAR", "TensorShapeError", "adapter_layers",
+                                        "find_targets",
+                                        "mark_trainable", "merge_model", "layer_device"],
+    "qpeft.core.kinds.adapter_method": ["AdapterMethod"],
+    "qpeft.core.kinds.lowrank": ["LowRankMethod", "LoRALinear", "LowRankOptions", "LoRAOptions",
+                                 "ScalingModifier", "InitModifier", "add_low_rank", "low_rank_values"],
+    "qpeft.core.dataset.examples": ["Example", "exact_match"],
+    "qpeft.core.model.generation": ["generate", "padded"],
+    "qpeft.core.train.loss": ["mean_loss"],
 }
 MODULES = {"registry": "qpeft.registry", "testing": "qpeft.testing",
-           "peft_format": "qpeft.core.peft_format"}
+           "peft_format": "qpeft.core.kinds.peft_format"}
 _WHERE = {name: module for module, names in PUBLIC.items() for name in names}
 
 __all__ = sorted(["hookimpl", "__version__", *_WHERE, *MODULES])

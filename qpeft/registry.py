@@ -1,4 +1,4 @@
 """Programmatic plugin lookup: ``qpeft.registry.names("adapter")``, ``get``, ``failures``."""
-from qpeft.core.registry import all_plugins, failures, get, names, reload
+from qpeft.core.plugin.registry import all_plugins, failures, get, names, reload
 
 __all__ = ["all_plugins", "failures", "get", "names", "reload"]

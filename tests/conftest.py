@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from qpeft.core.testing import tiny_tokenizer
+    from qpeft.core.kit.testing import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -16,7 +16,7 @@ def tokenizer():
 @pytest.fixture
 def tiny(tokenizer):
     """A fresh tiny random Llama (2 layers, hidden 64) with the real tokenizer's vocabulary."""
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     return tiny_model(tokenizer=tokenizer)
 
@@ -24,7 +24,7 @@ def tiny(tokenizer):
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (converted once, cached under $QPEFT_CACHE)."""
-    from qpeft.core.models import load_model
+    from qpeft.core.model.models import load_model
 
     return load_model(None)
 
@@ -32,6 +32,6 @@ def embedded():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved tiny model directory, loadable with ``--model DIR``."""
-    from qpeft.core.testing import save_tiny_model
+    from qpeft.core.kit.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny"))

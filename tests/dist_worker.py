@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import adapted_tiny, cfg, source  # noqa: E402
 
-from qpeft.core.testing import tiny_tokenizer  # noqa: E402
-from qpeft.core.trainer import Trainer  # noqa: E402
+from qpeft.core.kit.testing import tiny_tokenizer  # noqa: E402
+from qpeft.core.train.trainer import Trainer  # noqa: E402
 from qpeft import adapter_layers  # noqa: E402
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ inside functions), for tests/test_layering.py.
 Modules are named as Python imports them: ``core/`` is ``qpeft.core``, ``plugins/`` is
 ``qpeft.plugins`` (pyproject.toml's ``package-dir``), and the example plugin under
 ``examples/`` by its own module names. An edge A → B means A's source imports B, where B is
-the deepest qpeft module the statement names (``from qpeft.core import registry`` is an edge
-to ``qpeft.core.registry``; ``from qpeft.core.errors import QpeftError`` to
-``qpeft.core.errors``). Importing a submodule also runs its packages' ``__init__``; those
+the deepest qpeft module the statement names (``from qpeft.core.plugin import registry`` is an edge
+to ``qpeft.core.plugin.registry``; ``from qpeft.core.base.errors import QpeftError`` to
+``qpeft.core.base.errors``). Importing a submodule also runs its packages' ``__init__``; those
 implicit edges are not counted.
 """
 from __future__ import annotations

@@ -123,7 +123,7 @@ def test_the_saved_adapter_loads_in_peft_and_back_in_qpeft_exactly(trained_pair,
 
 
 def test_a_peft_adalora_adapter_loads_through_the_import(trained_pair, reference, batch, tmp_path):
-    from qpeft.core import peft_import
+    from qpeft.core.interop import peft_import
 
     _, _, theirs, _, _ = trained_pair
     theirs.save_pretrained(tmp_path)

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from qpeft.core import conformance, registry
+from qpeft.core.kit import conformance
+from qpeft.core.plugin import registry
 
 BUILTINS = registry.Registry(entry_points=[])  # an installed third party runs the kit itself
 ADAPTERS, QUANTS = BUILTINS.names("adapter"), BUILTINS.names("quantizer")

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from qpeft.core import registry
-from qpeft.core.adapter import compose
-from qpeft.core.errors import OptionsError, QpeftError
-from qpeft.core.quantizer import QuantizedLinear
-from qpeft.core.testing import tiny_model
-from qpeft.core import peft_format
+from qpeft.core.plugin import registry
+from qpeft.core.kinds.adapter import compose
+from qpeft.core.base.errors import OptionsError, QpeftError
+from qpeft.core.kinds.quantizer import QuantizedLinear
+from qpeft.core.kit.testing import tiny_model
+from qpeft.core.kinds import peft_format
 from qpeft.plugins.adapters.dora import DoRALinear
-from qpeft.core.adapter_layers import adapter_layers
+from qpeft.core.kinds.adapter_layers import adapter_layers
 from qpeft.plugins.quantizers.none import NoQuantization
 
 peft = pytest.importorskip("peft")
@@ -325,7 +325,7 @@ def test_qdylora_samples_ranks_and_exports_any_rank(reference, batch, tmp_path):
 def test_loftq_beats_plain_quantization_over_nf4_and_hqq(tiny, quant):
     """‖W − (dequant(Q) + s·B·A)‖ with LoftQ is below ‖W − dequant(quant(W))‖, layer by layer,
     through the real path: the quantizer keeps W for a composition that asks for it."""
-    from qpeft.core.pipeline import build_plugin
+    from qpeft.core.run.pipeline import build_plugin
 
     composition = compose("lora:r=8+loftq:iters=2", registry.default())
     assert composition.needs_source_weights
@@ -347,7 +347,7 @@ def test_add_low_rank_under_bf16_autocast_adds_into_a_float32_output():
     """Under CUDA (here CPU) bf16 autocast ``x·Aᵀ`` comes out bf16 while the in-place addmm_
     into a float32 output is left alone: the factor is cast to the output's dtype (DoRA failed
     at its first CUDA step without it, docs/benchmarks.md)."""
-    from qpeft.core.lowrank import add_low_rank
+    from qpeft.core.kinds.lowrank import add_low_rank
 
     gen = torch.Generator().manual_seed(0)
     x, a, b = (torch.randn(*s, generator=gen) for s in ((4, 16), (2, 16), (8, 2)))

@@ -12,11 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qpeft.core import config, pipeline, templates
+from qpeft.core.settings import config
+from qpeft.core.run import pipeline
+from qpeft.core.dataset import templates
 from qpeft.core.cli.main import cli
-from qpeft.core.data import Example
-from qpeft.core.generation import generate
-from qpeft.core.rebuild import rebuild
+from qpeft.core.dataset.examples import Example
+from qpeft.core.model.generation import generate
+from qpeft.core.run.rebuild import rebuild
 
 PROMPTS = ["Which number is larger, 9.11 or 9.9?", "Continue: 0, 1, 1, 2, 3, 5, 8,"]
 
@@ -39,7 +41,7 @@ def adapted(lora_run):
 
 
 def greedy(built, prompts, max_new_tokens):
-    """core/generation.py over the prompts evaluator's examples (its template, its batches)."""
+    """core/model/generation.py over the prompts evaluator's examples (its template, its batches)."""
     examples = [Example(messages=[{"role": "user", "content": p}], instruction=p) for p in prompts]
     ids = [templates.prompt_ids(e, built.tokenizer) for e in examples]
     assert built.tokenizer.decode(ids[0]).startswith("<|im_start|>")    # the model's chat template

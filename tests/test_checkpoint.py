@@ -9,9 +9,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from qpeft.core import checkpoint
-from qpeft.core.checkpoint import CheckpointError, DamagedCheckpoint
-from qpeft.core.errors import QpeftError
+from qpeft.core.train import checkpoint
+from qpeft.core.train.checkpoint import CheckpointError, DamagedCheckpoint
+from qpeft.core.base.errors import QpeftError
 
 HINT = "or pass --save-every 0 to train without checkpoints"
 
@@ -310,7 +310,7 @@ def test_a_checkpoint_without_manifest_is_loaded_unverified_with_a_notice(root):
 
 
 def test_a_missing_manifest_is_damage_unless_an_older_qpeft_started_the_run(root):
-    from qpeft.core.run_record import predates_manifests
+    from qpeft.core.run.record import predates_manifests
 
     dirs = save_steps(root, 2, 4)
     (dirs[4] / "manifest.json").unlink()

@@ -7,9 +7,9 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from qpeft.core import compare, compare_grid
+from qpeft.core.compare import table as compare, grid as compare_grid
 from qpeft.core.cli.main import cli
-from qpeft.core.errors import QpeftError
+from qpeft.core.base.errors import QpeftError
 
 QUANTS = ["none:compute_dtype=float32", "hqq"]
 ADAPTERS = ["lora:r=4", "ia3"]
@@ -255,7 +255,7 @@ def test_compare_runs_exactly_the_cells_written_from_flags_or_a_config_file(monk
 
 DISTINCT = '''
 from qpeft import hookimpl
-from qpeft.core.evaluator import Evaluator
+from qpeft.core.kinds.evaluator import Evaluator
 
 class Distinct(Evaluator):
     name = "distinct"
@@ -273,7 +273,7 @@ def register_evaluators(register):
 @pytest.fixture
 def third_party(tmp_path, monkeypatch):
     """The default registry with a third-party ``distinct`` evaluator from a fake distribution."""
-    from qpeft.core import registry
+    from qpeft.core.plugin import registry
     from test_registry import make_distribution
 
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -1,5 +1,5 @@
 """comparison.md names its winners, sorts its rows and marks differences inside the noise (issue 24 item 4)."""
-from qpeft.core import compare, compare_summary
+from qpeft.core.compare import table as compare, summary as compare_summary
 
 ACC, PPL = "accuracy:accuracy:after", "perplexity:perplexity:after"
 

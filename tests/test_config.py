@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from qpeft.core import config
-from qpeft.core.errors import OptionsError, QpeftError
-from qpeft.core.optim import build_optimizer, build_schedule
-from qpeft.core.trainer import TrainConfig
-from qpeft.core.run_record import RunRecord
+from qpeft.core.settings import config
+from qpeft.core.base.errors import OptionsError, QpeftError
+from qpeft.core.train.optim import build_optimizer, build_schedule
+from qpeft.core.train.trainer import TrainConfig
+from qpeft.core.run.record import RunRecord
 
 
 def test_yaml_file_with_flags_overriding_it(tmp_path):
@@ -72,7 +72,7 @@ def test_paged_optimizer_on_cpu_falls_back_with_a_message(capsys):
 def test_gradient_checkpointing_gives_the_same_first_step(tokenizer, tmp_path):
     from test_trainer import adapted_tiny, source
 
-    from qpeft.core.trainer import Trainer
+    from qpeft.core.train.trainer import Trainer
 
     results = []
     for flag in (False, True):
@@ -92,7 +92,7 @@ def one_line_error(monkeypatch, *args) -> str:
     """Invoke the CLI with the model loader booby-trapped; the single stderr line."""
     from click.testing import CliRunner
 
-    from qpeft.core import streaming
+    from qpeft.core.model import streaming
     from qpeft.core.cli.main import cli
 
     monkeypatch.setattr(streaming, "load_quantized", _refuse)

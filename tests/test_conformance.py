@@ -4,8 +4,8 @@ import math
 import pytest
 
 from qpeft import testing
-from qpeft.core import registry
-from qpeft.core.evaluator import Evaluator
+from qpeft.core.plugin import registry
+from qpeft.core.kinds.evaluator import Evaluator
 from qpeft.plugins.adapters.ia3 import IA3
 from qpeft.plugins.adapters.lora import LoRA, LoRALinear
 from qpeft.plugins.quantizers.none import NoQuantization, PlainLinear
@@ -32,7 +32,7 @@ class Unmerged(LoRA):
     name = "unmerged"
 
     def merge(self, model, dtype=None):
-        from qpeft.core.adapter_layers import adapter_layers
+        from qpeft.core.kinds.adapter_layers import adapter_layers
 
         for name, layer in adapter_layers(model).items():
             parent = model.get_submodule(name.rpartition(".")[0])

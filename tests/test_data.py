@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpeft.core import batching, data, templates
-from qpeft.core.data import DataError, Example
-from qpeft.core.templates import IGNORE, TemplateError
+from qpeft.core.dataset import batching, examples as data, templates
+from qpeft.core.dataset.examples import DataError, Example
+from qpeft.core.dataset.templates import IGNORE, TemplateError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from qpeft.core.models import load_tokenizer
+    from qpeft.core.model.models import load_tokenizer
 
     return load_tokenizer(None)
 
@@ -246,7 +246,7 @@ def test_packing_keeps_supervised_tokens():
 
 
 def test_packed_examples_do_not_attend_to_each_other(tok):
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     model = tiny_model(tokenizer=tok)
     a, _ = templates.encode(EX, tok, "chat")

@@ -6,9 +6,9 @@ import warnings
 import pytest
 from click.testing import CliRunner
 
-from qpeft.core import data
+from qpeft.core.dataset import examples as data
 from qpeft.core.cli.main import cli
-from qpeft.core.data import DataError
+from qpeft.core.dataset.examples import DataError
 
 GOOD = json.dumps({"instruction": "Add 2 and 3.", "output": "5"}).encode()
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Add 2 and 3."},
@@ -148,7 +148,7 @@ def test_all_lines_bad_names_the_file(tmp_path):
 
 # -- the command line --------------------------------------------------------------------
 def test_cli_refuses_a_non_utf8_file_in_one_line_before_loading_the_model(tmp_path, tiny_dir, monkeypatch):
-    from qpeft.core import streaming
+    from qpeft.core.model import streaming
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from qpeft.core import data
-from qpeft.core.data import DataError, Example
+from qpeft.core.dataset import examples as data
+from qpeft.core.dataset.examples import DataError, Example
 
 NAME = "fuzz.jsonl"
 RECORDS = [
@@ -176,8 +176,8 @@ def yaml_with_aliases(draw):
 def test_a_config_file_with_aliases_is_one_short_line_at_once(tmp_path_factory, text):
     import time
 
-    from qpeft.core import config
-    from qpeft.core.errors import QpeftError
+    from qpeft.core.settings import config
+    from qpeft.core.base.errors import QpeftError
 
     path = tmp_path_factory.mktemp("yaml") / "run.yaml"
     path.write_text(text)

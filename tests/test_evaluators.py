@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qpeft.core import templates
-from qpeft.core.data import Example
-from qpeft.core.errors import QpeftError
-from qpeft.core.evaluator import EvalContext
+from qpeft.core.dataset import templates
+from qpeft.core.dataset.examples import Example
+from qpeft.core.base.errors import QpeftError
+from qpeft.core.kinds.evaluator import EvalContext
 from qpeft.plugins.evaluators import mmlu, prompts
 from qpeft.plugins.evaluators.perplexity import Perplexity
 
@@ -196,8 +196,9 @@ def test_prompts_evaluator_renders_with_the_template_and_reports(monkeypatch, ti
 # -- qpeft eval --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved_qdylora_run(tmp_path_factory):
-    from qpeft.core import config, pipeline
-    from qpeft.core.testing import tiny_model_and_tokenizer
+    from qpeft.core.settings import config
+    from qpeft.core.run import pipeline
+    from qpeft.core.kit.testing import tiny_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("evalrun")
     model, tokenizer = tiny_model_and_tokenizer()

@@ -6,9 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qpeft.core import config, pipeline
+from qpeft.core.settings import config
+from qpeft.core.run import pipeline
 from qpeft.core.cli.main import cli
-from qpeft.core.rebuild import rebuild
+from qpeft.core.run.rebuild import rebuild
 
 
 def finished_run(tiny_dir, out, quant, adapter, name):
@@ -99,12 +100,12 @@ def test_merge_and_requant_reports_the_quality_cost_and_reloads_as_what_it_measu
 
 
 def test_requant_flags_are_checked_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
-    import qpeft.core.rebuild
+    import qpeft.core.run.rebuild
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")
-    monkeypatch.setattr(qpeft.core.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(qpeft.core.run.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
     cases = [(["--merge", "--quant", "bogus"], "unknown quantizer 'bogus'"),
              (["--merge", "--quant", "hqq:nbits=9"], "hqq"),
              (["--quant", "nf4"], "--quant applies to a merged model; add --merge"),

@@ -14,9 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qpeft.core import config, gguf_export, pipeline
+from qpeft.core.settings import config
+from qpeft.core.interop import gguf_export
+from qpeft.core.run import pipeline
 from qpeft.core.cli.main import cli
-from qpeft.core.rebuild import rebuild
+from qpeft.core.run.rebuild import rebuild
 
 SAMPLE = "Which is larger, 9.11 or 9.9? <|im_start|>user\nHello, world!  It's 2024.<|im_end|>\n"
 BOUND = {"q8_0": 0.03, "q4_0": 0.25}       # vs the unquantized merged model (tiny random model)
@@ -121,7 +123,7 @@ def test_quantized_file_reproduces_its_own_round_trip(run_dir, ids, tmp_path, ty
 
 
 def test_rows_that_do_not_split_into_blocks_fall_back_to_f16_and_the_head_stays_q8_0(tokenizer):
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     model = tiny_model(hidden=48, heads=4, kv_heads=2, intermediate=96, tokenizer=tokenizer)
     types = {name: kind.name for _, name, kind in gguf_export.tensor_plan(model, "q4_0")}
@@ -147,9 +149,9 @@ def test_rotary_permute_is_what_transformers_reverses():
 
 
 def test_bad_inputs_are_one_line_before_the_model_loads(run_dir, tmp_path, monkeypatch):
-    import qpeft.core.rebuild
+    import qpeft.core.run.rebuild
 
-    monkeypatch.setattr(qpeft.core.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(qpeft.core.run.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
     cases = [
         (["--out", str(tmp_path / "m.bin")], "--out must end in .gguf"),
         (["--out", str(tmp_path / "m.gguf"), "--gguf-type", "q3_k"], "Invalid value for '--gguf-type'"),

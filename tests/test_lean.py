@@ -2,7 +2,7 @@
 bytes held for backward."""
 import torch
 
-from qpeft.core.lean import SiluMul, gated_silu_mlps, make_lean
+from qpeft.core.train.lean import SiluMul, gated_silu_mlps, make_lean
 
 
 def saved_bytes(fn) -> int:
@@ -30,7 +30,7 @@ def test_silu_mul_matches_autograd():
 
 
 def test_lean_model_equals_plain_model_with_less_held():
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     results = []

@@ -3,12 +3,12 @@ the class and its distribution; the core calls declared hooks directly."""
 import pytest
 
 from qpeft import hookimpl
-from qpeft.core import registry
-from qpeft.core.adapter import Adapter, compose
-from qpeft.core.errors import PluginLoadError, QpeftError
-from qpeft.core.evaluator import Evaluator
-from qpeft.core.quantizer import Quantizer
-from qpeft.core.rebuild import check_rank
+from qpeft.core.plugin import registry
+from qpeft.core.kinds.adapter import Adapter, compose
+from qpeft.core.base.errors import PluginLoadError, QpeftError
+from qpeft.core.kinds.evaluator import Evaluator
+from qpeft.core.kinds.quantizer import Quantizer
+from qpeft.core.run.rebuild import check_rank
 from qpeft.plugins.adapters.lora import LoRA, LoRALinear
 
 ORIGIN = registry.Origin("qpeft-plugin-x", "1.0")

@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from qpeft.core.cli.main import cli
-from qpeft.core.errors import QpeftError
-from qpeft.core.evaluator import EvalContext
-from qpeft.core.generation import generate
+from qpeft.core.base.errors import QpeftError
+from qpeft.core.kinds.evaluator import EvalContext
+from qpeft.core.model.generation import generate
 from qpeft.plugins.evaluators import lm_eval_harness
 from qpeft.plugins.evaluators.lm_eval_harness import LmEval
 

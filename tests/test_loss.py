@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qpeft.core.loss import FrozenHeadCrossEntropy, token_loss_sum
+from qpeft.core.train.loss import FrozenHeadCrossEntropy, token_loss_sum
 
 
 def reference(model, batch):
@@ -26,7 +26,7 @@ def batch():
 @pytest.mark.parametrize("trainable_head", [False, True])
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_loss_and_gradients_match_full_logits(trainable_head, chunk, batch):
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     grads = []
     for fused in (True, False):
@@ -61,7 +61,7 @@ def test_fused_function_with_bias_and_scaled_upstream_gradient():
 
 
 def test_evaluation_computes_no_gradient(batch):
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     model = tiny_model(vocab_size=300).requires_grad_(False)
     with torch.no_grad():

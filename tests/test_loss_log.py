@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from qpeft.core.loss_log import LossLog
-from qpeft.core.trainer import Trainer
+from qpeft.core.train.loss_log import LossLog
+from qpeft.core.train.trainer import Trainer
 from test_trainer import Interrupt, adapted_tiny, cfg, source
 
 

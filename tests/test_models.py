@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpeft.core import models
-from qpeft.core.errors import ModelLoadError
+from qpeft.core.model import models
+from qpeft.core.base.errors import ModelLoadError
 
 
 def test_embedded_model_loads_from_cache_and_generates(embedded):
@@ -58,7 +58,7 @@ def test_cache_dir_honours_qpeft_cache(monkeypatch, tmp_path):
 
 
 def test_tiny_model_builds_with_the_real_tokenizer(tokenizer):
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     model = tiny_model(tokenizer=tokenizer)
     assert model.config.vocab_size == len(tokenizer) == 49152

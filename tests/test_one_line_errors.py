@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qpeft.core import streaming
+from qpeft.core.model import streaming
 from qpeft.core.cli.main import cli
 from test_models import tiny_gguf
 
@@ -141,7 +141,7 @@ def test_a_full_disk_at_the_final_save_checkpoints_and_says_how_to_finish(finish
 def test_a_full_disk_for_adapter_and_checkpoint_says_what_is_lost(tiny_dir, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from qpeft.core import checkpoint
+    from qpeft.core.train import checkpoint
 
     _full_disk_for(monkeypatch, safetensors.torch, checkpoint)
     run = tmp_path / "x"
@@ -156,9 +156,10 @@ def test_a_failed_save_over_an_existing_adapter_keeps_it(finished, tiny, monkeyp
 
     import safetensors.torch
 
-    from qpeft.core import peft_format, pipeline
-    from qpeft.core.adapter import compose
-    from qpeft.core.registry import default
+    from qpeft.core.kinds import peft_format
+    from qpeft.core.run import pipeline
+    from qpeft.core.kinds.adapter import compose
+    from qpeft.core.plugin.registry import default
 
     adapter = tmp_path / "adapter"
     shutil.copytree(finished[1] / "adapter", adapter)
@@ -179,7 +180,7 @@ def test_a_failed_save_over_an_existing_adapter_keeps_it(finished, tiny, monkeyp
 @pytest.fixture(scope="module")
 def narrow_dir(tmp_path_factory):
     """Another tiny model (hidden 32, not 64): the adapters of the runs above do not fit it."""
-    from qpeft.core.testing import save_tiny_model
+    from qpeft.core.kit.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("narrow"), hidden=32)
 
@@ -240,8 +241,8 @@ def test_a_truncated_report_or_eval_before_is_one_line_naming_it(finished, tmp_p
 
 
 def test_every_single_bit_flip_in_a_gguf_header_passes_or_is_one_line(tmp_path):
-    from qpeft.core import models
-    from qpeft.core.errors import ModelLoadError
+    from qpeft.core.model import models
+    from qpeft.core.base.errors import ModelLoadError
 
     whole = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
     header = len(whole) - 64 * 16 * 4   # everything before the tensor data
@@ -295,7 +296,7 @@ def test_sigterm_while_the_model_loads_ends_with_a_line(tiny_dir, tmp_path):
     import time
 
     script = ("import sys, time\n"
-              "from qpeft.core import streaming\n"
+              "from qpeft.core.model import streaming\n"
               "streaming.load_quantized = lambda *a, **k: time.sleep(60)   # a slow load\n"
               "from qpeft.core.cli.main import cli\n"
               "cli.main(sys.argv[1:])\n")

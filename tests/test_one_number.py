@@ -14,10 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qpeft.core import config, pipeline, requant, streaming
-from qpeft.core.adapter_layers import merge_model
+from qpeft.core.settings import config
+from qpeft.core.run import pipeline
+from qpeft.core.compare import requant
+from qpeft.core.model import streaming
+from qpeft.core.kinds.adapter_layers import merge_model
 from qpeft.core.cli.main import cli
-from qpeft.core.rebuild import rebuild
+from qpeft.core.run.rebuild import rebuild
 
 peft = pytest.importorskip("peft")
 

@@ -4,9 +4,9 @@ from typing import Literal
 
 import pytest
 
-from qpeft.core import options as opts
-from qpeft.core import spec
-from qpeft.core.errors import OptionsError
+from qpeft.core.base import options as opts
+from qpeft.core.base import spec
+from qpeft.core.base.errors import OptionsError
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def test_spec_grammar():
 
 
 def test_a_repeated_option_key_is_refused():
-    from qpeft.core.spec import parse
+    from qpeft.core.base.spec import parse
 
     with pytest.raises(OptionsError, match="'lora': option 'r' is given twice; keep one"):
         parse("lora:r=4:r=8")

@@ -8,13 +8,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qpeft.core import config, models, pipeline, registry, streaming, templates
-from qpeft.core.batch_source import EncodedBatches
+from qpeft.core.settings import config
+from qpeft.core.model import models, streaming
+from qpeft.core.run import pipeline
+from qpeft.core.plugin import registry
+from qpeft.core.dataset import templates
+from qpeft.core.dataset.batch_source import EncodedBatches
 from qpeft.core.cli.main import cli
-from qpeft.core.errors import QpeftError
-from qpeft.core.loss import token_loss_sum
-from qpeft.core import peft_import
-from qpeft.core.run_record import RunRecord
+from qpeft.core.base.errors import QpeftError
+from qpeft.core.train.loss import token_loss_sum
+from qpeft.core.interop import peft_import
+from qpeft.core.run.record import RunRecord
 
 peft = pytest.importorskip("peft")
 
@@ -128,7 +132,7 @@ def test_over_nf4_it_matches_peft_over_the_dequantized_base(quantized, written, 
     # compute. The same weights and fp32 arithmetic in another order differ by rounding only
     # (measured ~1e-6 on these logits of size ~1); 1e-4 leaves room and is still far below the
     # nf4 error itself (logits move by ~1e-1 between the fp32 and the nf4 base).
-    from qpeft.core.adapter_layers import merge_model
+    from qpeft.core.kinds.adapter_layers import merge_model
 
     dequantized = merge_model(copy.deepcopy(quantized[NF4])).eval()   # no adapter: nn.Linear of W_hat
     expected = logits(theirs(dequantized, written[kind]), batch)
@@ -252,7 +256,7 @@ def test_the_directory_is_checked_before_the_model_loads(monkeypatch, tiny_dir, 
 
 
 def test_an_adapter_for_another_base_model_is_one_line(written, tmp_path):
-    from qpeft.core.testing import save_tiny_model
+    from qpeft.core.kit.testing import save_tiny_model
 
     other = save_tiny_model(tmp_path / "other", intermediate=96)
     line = one_line(CliRunner().invoke(cli, ["eval", str(written["lora"]), "--model", other, "--quant", EXACT]))

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from qpeft.core import config, pipeline
-from qpeft.core.errors import QpeftError
+from qpeft.core.settings import config
+from qpeft.core.run import pipeline
+from qpeft.core.base.errors import QpeftError
 
 REPORT_FIELDS = {"run", "quantizer", "adapter", "model", "qpeft_version", "before", "after", "facts", "training"}
 

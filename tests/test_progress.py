@@ -5,12 +5,15 @@ import dataclasses
 import pytest
 
 from qpeft import Evaluator, generate, mean_loss
-from qpeft.core import config, pipeline, progress, templates
-from qpeft.core.data import Example
+from qpeft.core.settings import config
+from qpeft.core.run import pipeline
+from qpeft.core.base import progress
+from qpeft.core.dataset import templates
+from qpeft.core.dataset.examples import Example
 
 
 class Bars:
-    """Records the bars qpeft.core.progress would draw: (label, total, unit) and the items counted."""
+    """Records the bars qpeft.core.base.progress would draw: (label, total, unit) and the items counted."""
 
     def __init__(self):
         self.made = []
@@ -60,8 +63,8 @@ class Both(Evaluator):
 
 
 def test_shared_helpers_show_a_bar_named_after_the_evaluator_and_stage(bars):
-    from qpeft.core.evaluator import EvalContext
-    from qpeft.core.testing import tiny_model_and_tokenizer
+    from qpeft.core.kinds.evaluator import EvalContext
+    from qpeft.core.kit.testing import tiny_model_and_tokenizer
 
     model, tokenizer = tiny_model_and_tokenizer()
     examples = [Example(messages=[{"role": "user", "content": f"{a} + {a}?"}], response=str(2 * a))
@@ -94,7 +97,7 @@ def test_the_first_lines_say_what_was_chosen_and_why(tiny_dir, quant, adapter, e
 
 
 def test_auto_says_which_cpu_feature_decided(monkeypatch):
-    from qpeft.core import quantizer
+    from qpeft.core.kinds import quantizer
 
     dtype, why = quantizer.native_dtype_reason()
     assert (dtype, why.startswith("auto: the CPU has ")) in {("bfloat16", True), ("float32", True)}

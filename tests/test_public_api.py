@@ -62,6 +62,6 @@ def test_a_folder_named_qpeft_in_the_working_directory_is_named_in_one_line(tmp_
     assert run.stderr.strip() == (f"Error: the folder {tmp_path / 'qpeft'} hides the installed qpeft package (a "
                                   "folder named qpeft in the current directory or on PYTHONPATH); run from "
                                   "another directory, or rename that folder")
-    code = "from qpeft.core import registry\ntry:\n registry.default()\nexcept Exception as e: print(type(e).__name__, e)"
+    code = "from qpeft.core.plugin import registry\ntry:\n registry.default()\nexcept Exception as e: print(type(e).__name__, e)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
     assert out.startswith(f"PluginLoadError the folder {tmp_path / 'qpeft'} hides the installed qpeft package")

@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from qpeft.core import registry
+from qpeft.core.plugin import registry
 from qpeft.core.cli.main import cli
-from qpeft.core.errors import OptionsError
-from qpeft.core.quantizer import QuantizedLinear, model_bytes, quantized_layers
-from qpeft.core.testing import tiny_model
+from qpeft.core.base.errors import OptionsError
+from qpeft.core.kinds.quantizer import QuantizedLinear, model_bytes, quantized_layers
+from qpeft.core.kit.testing import tiny_model
 
 # (name, options, lowest and highest acceptable ‖W−Ŵ‖/‖W‖ on Gaussian weights)
 BANDS = [
@@ -74,7 +74,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def embedded():
-    from qpeft.core.models import load_model
+    from qpeft.core.model.models import load_model
 
     return load_model(None)[0]
 

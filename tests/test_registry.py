@@ -3,12 +3,12 @@ import textwrap
 
 import pytest
 
-from qpeft.core import registry
-from qpeft.core.errors import PluginLoadError, UnknownPluginError
+from qpeft.core.plugin import registry
+from qpeft.core.base.errors import PluginLoadError, UnknownPluginError
 
 GOOD = '''
 from qpeft import hookimpl
-from qpeft.core.evaluator import Evaluator
+from qpeft.core.kinds.evaluator import Evaluator
 
 class Echo(Evaluator):
     name = "echo"
@@ -153,7 +153,7 @@ def test_a_bare_import_reaches_registry_and_testing_without_torch():
 
 
 def test_fix_hint_tells_an_editable_install_to_edit_its_source():
-    from qpeft.core.registry import fix_hint
+    from qpeft.core.plugin.registry import fix_hint
 
     assert fix_hint("qpeft-plugin-that-is-not-installed") == (
         "fix or reinstall it: pip install --force-reinstall qpeft-plugin-that-is-not-installed")

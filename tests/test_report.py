@@ -1,5 +1,5 @@
 """Report tables show a rate beside its count where the evaluator reports one (issue 24 item 5)."""
-from qpeft.core import report
+from qpeft.core.run import report
 from qpeft.core.cli.eval_cmd import table
 
 

@@ -1,13 +1,15 @@
-"""The typed run record (core/run_record.py): written once, read back equal, the one source
+"""The typed run record (core/run/record.py): written once, read back equal, the one source
 that --resume, qpeft eval, export and requant start from."""
 import dataclasses
 import json
 
 import pytest
 
-from qpeft.core import config, pipeline, registry
-from qpeft.core.errors import QpeftError
-from qpeft.core.run_record import PluginRecord, RunRecord, write
+from qpeft.core.settings import config
+from qpeft.core.run import pipeline
+from qpeft.core.plugin import registry
+from qpeft.core.base.errors import QpeftError
+from qpeft.core.run.record import PluginRecord, RunRecord, write
 
 
 def started(tmp_path, **flags):

@@ -6,9 +6,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from qpeft.core import streaming
+from qpeft.core.model import streaming
 from qpeft.core.cli.main import cli
-from qpeft.core.errors import ModelLoadError
+from qpeft.core.base.errors import ModelLoadError
 
 MEASURED = {"quantize_seconds", "train_seconds", "tokens_per_s", "seconds", "runtime_s",  # timings
             "peak_rss_mb", "peak_gpu_reserved_mb", "peak_gpu_allocated_mb", "memory_mb"}
@@ -180,7 +180,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(finished, tmp_path):
 def test_a_full_disk_anywhere_in_a_run_is_one_line(tiny_dir, tmp_path, monkeypatch):
     import errno
 
-    from qpeft.core import report
+    from qpeft.core.run import report
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x" / "report.json"))
@@ -244,7 +244,7 @@ def test_resume_may_extend_steps_and_change_the_lr(finished, tmp_path):
 def test_a_run_reached_through_a_symlink_is_locked_as_its_directory(finished, tmp_path):
     import os
 
-    from qpeft.core.rundir import RunLock
+    from qpeft.core.base.rundir import RunLock
 
     _, run = finished
     real = copy_of(run, tmp_path, "real")
@@ -265,7 +265,7 @@ def _flip(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["flipped bit", "no manifest", "both steps"])
 def test_a_damaged_checkpoint_is_moved_aside_once_a_good_one_is_written(finished, tmp_path, damage):
-    from qpeft.core import checkpoint
+    from qpeft.core.train import checkpoint
 
     _, run = finished
     copy = copy_of(run, tmp_path)
@@ -317,7 +317,7 @@ class OtherRank:
     """``distributed.current()`` for process ``rank`` of two, its collectives kept local."""
 
     def __new__(cls, rank):
-        from qpeft.core import distributed
+        from qpeft.core.train import distributed
 
         class Local(distributed.World):
             def _reduce(self, value, op):
@@ -336,7 +336,7 @@ class OtherRank:
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_under_data_parallelism_only_rank_0_prints_the_evaluation_lines(tiny_dir, tmp_path, monkeypatch, rank):
-    from qpeft.core import distributed
+    from qpeft.core.train import distributed
 
     monkeypatch.setattr(distributed, "current", lambda: OtherRank(rank))
     result = invoke(*tiny_run(tiny_dir, tmp_path, "x"))
@@ -358,7 +358,7 @@ def test_a_full_disk_at_a_metrics_write_names_the_file_and_how_to_continue(tiny_
     import builtins
     import errno
 
-    from qpeft.core import trainer
+    from qpeft.core.train import trainer
 
     appends = []
 

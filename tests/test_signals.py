@@ -69,13 +69,13 @@ def test_a_second_process_on_the_same_run_gets_one_line_naming_the_holder(tiny_d
 
 
 def test_the_lock_is_released_when_its_holder_dies(tmp_path):
-    from qpeft.core.rundir import RunLock
+    from qpeft.core.base.rundir import RunLock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qpeft.core.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qpeft.core.base.rundir import RunLock; "
                                f"RunLock({str(tmp_path)!r}, 'r').acquire(); print('held', flush=True); "
                                "time.sleep(60)"], env=ENV, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    from qpeft.core.errors import QpeftError
+    from qpeft.core.base.errors import QpeftError
 
     with pytest.raises(QpeftError, match=f"in use by process {holder.pid}"):
         RunLock(tmp_path, "r").acquire()
@@ -88,7 +88,7 @@ def test_the_lock_is_released_when_its_holder_dies(tmp_path):
 
 def signal_at_the_final_evaluation(monkeypatch, sig):
     """``sig`` arrives while the evaluators run after training (the adapter is saved by then)."""
-    from qpeft.core import pipeline
+    from qpeft.core.run import pipeline
 
     real = pipeline.evaluate
 
@@ -138,8 +138,8 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish(tiny_dir, tmp_p
 def test_a_signal_in_the_final_evaluation_without_a_checkpoint_points_to_eval(tiny_dir, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from qpeft.core import trainer
-    from qpeft.core.checkpoint import CheckpointError
+    from qpeft.core.train import trainer
+    from qpeft.core.train.checkpoint import CheckpointError
     from qpeft.core.cli.main import cli
 
     def full(self):

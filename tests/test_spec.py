@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qpeft.core import config, registry, spec
+from qpeft.core.settings import config
+from qpeft.core.plugin import registry
+from qpeft.core.base import spec
 from qpeft.core.cli.main import cli
-from qpeft.core.errors import OptionsError
-from qpeft.core.run_record import PluginRecord, RunRecord
+from qpeft.core.base.errors import OptionsError
+from qpeft.core.run.record import PluginRecord, RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -41,7 +43,7 @@ def test_a_comma_separated_list_of_specs_is_refused_with_the_form_to_type(text, 
 
 
 def test_a_comma_in_a_one_value_option_says_specs_take_semicolons():
-    from qpeft.core.adapter import compose
+    from qpeft.core.kinds.adapter import compose
 
     with pytest.raises(OptionsError) as err:
         compose("lora:r=4,dora", registry.default())
@@ -105,9 +107,9 @@ def documented_specs() -> list[tuple[str, str, str, bool]]:
 
 
 def test_every_documented_spec_round_trips_and_the_installed_ones_build():
-    from qpeft.core.adapter import compose
-    from qpeft.core.errors import QpeftError
-    from qpeft.core.pipeline import build_plugin
+    from qpeft.core.kinds.adapter import compose
+    from qpeft.core.base.errors import QpeftError
+    from qpeft.core.run.pipeline import build_plugin
 
     examples = documented_specs()
     assert len(examples) > 60

@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qpeft.core import models, registry
-from qpeft.core.errors import ModelLoadError
-from qpeft.core.quantizer import model_bytes, quantized_layers
-from qpeft.core.streaming import load_quantized
-from qpeft.core.testing import tiny_model_and_tokenizer
+from qpeft.core.model import models
+from qpeft.core.plugin import registry
+from qpeft.core.base.errors import ModelLoadError
+from qpeft.core.kinds.quantizer import model_bytes, quantized_layers
+from qpeft.core.model.streaming import load_quantized
+from qpeft.core.kit.testing import tiny_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,8 +161,9 @@ CHILD = """
 import ctypes, gc, json, sys
 import torch, transformers, safetensors, accelerate
 from transformers.models.llama import modeling_llama
-from qpeft.core import models, registry, streaming
-from qpeft.core.quantizer import model_bytes
+from qpeft.core.model import models, streaming
+from qpeft.core.plugin import registry
+from qpeft.core.kinds.quantizer import model_bytes
 from qpeft.plugins.quantizers.nf4 import import_bitsandbytes
 
 def rss(field):  # MB-exact, from the kernel's own accounting of this process

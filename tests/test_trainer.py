@@ -8,17 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpeft.core import registry, templates
-from qpeft.core.adapter import compose
-from qpeft.core.batch_source import EncodedBatches
-from qpeft.core.data import bundled
-from qpeft.core.loss import token_loss_sum
-from qpeft.core.trainer import Trainer, TrainConfig, TrainingError
+from qpeft.core.plugin import registry
+from qpeft.core.dataset import templates
+from qpeft.core.kinds.adapter import compose
+from qpeft.core.dataset.batch_source import EncodedBatches
+from qpeft.core.dataset.examples import bundled
+from qpeft.core.train.loss import token_loss_sum
+from qpeft.core.train.trainer import Trainer, TrainConfig, TrainingError
 from qpeft.plugins.quantizers.none import NoQuantization
 
 
 def adapted_tiny(tokenizer, adapter_seed=0, spec="lora:r=4:alpha=8:dropout=0", composition=False):
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     model = tiny_model(tokenizer=tokenizer, seed=0)
     NoQuantization(compute_dtype="float32").quantize_model(model)
@@ -39,7 +40,7 @@ def cfg(**kw):
 
 
 def test_chunked_loss_equals_full_cross_entropy(tokenizer):
-    from qpeft.core.testing import tiny_model
+    from qpeft.core.kit.testing import tiny_model
 
     model = tiny_model(tokenizer=tokenizer)
     batch = source(tokenizer).batch(0, 0, 4)
@@ -98,7 +99,7 @@ def test_an_unfinished_checkpoint_is_never_used(tokenizer, tmp_path):
     half = tmp_path / "checkpoints" / "step-000009"
     half.mkdir()
     (half / "state.json").write_text("{")  # no COMPLETE marker: a kill mid-write
-    from qpeft.core import checkpoint
+    from qpeft.core.train import checkpoint
 
     assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000002"
 

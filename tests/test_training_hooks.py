@@ -1,4 +1,4 @@
-"""The declared training hooks (core/plugin.py, called by core/train_hooks.py): their exact order
+"""The declared training hooks (core/plugin/base.py, called by core/train/hooks.py): their exact order
 around accumulation, clipping and zero_grad; extra_loss in the gradient and in metrics.jsonl;
 clipped gradients in on_gradients; a plugin's state through a checkpoint and --resume; a
 misspelled hook refused at registration. Tiny model, a few seconds each."""
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from qpeft.core import checkpoint
-from qpeft.core.plugin import Plugin
-from qpeft.core.trainer import Trainer
+from qpeft.core.train import checkpoint
+from qpeft.core.plugin.base import Plugin
+from qpeft.core.train.trainer import Trainer
 from qpeft.plugins.adapters.lora import LoRA
 from test_lifecycle import registered
 from test_trainer import Interrupt, adapted_tiny, cfg, source

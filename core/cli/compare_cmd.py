@@ -1,7 +1,7 @@
 """``qpeft compare``: a quantizer × adapter grid, one process per cell, tables, plots, edge score."""
 import click
 
-from qpeft.core import config as run_config
+from qpeft.core.settings import config as run_config
 
 # Set per cell by compare itself; refused among the pass-through run flags.
 CELL_OWNED = ("quant", "adapter", "name", "output_dir", "resume", "overwrite", "run_dir")
@@ -49,8 +49,9 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
       qpeft compare --adapter "lora:targets=q_proj,v_proj;dora" --edge-quality EVALUATOR:METRIC
       qpeft compare --quant "nf4;hqq" --adapter "lora;dora" --export-quant nf4
     """
-    from qpeft.core import compare, models
-    from qpeft.core.spec import split_list
+    from qpeft.core.compare import table as compare
+    from qpeft.core.model import models
+    from qpeft.core.base.spec import split_list
 
     args = list(ctx.args)
     file = _config_file(args)
@@ -71,8 +72,8 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
 
 def _specs(key: str, value) -> list[str]:
     """The list of specs of ``--quant``/``--adapter`` (flags, a file's list or the default)."""
-    from qpeft.core.errors import OptionsError
-    from qpeft.core.spec import split_list
+    from qpeft.core.base.errors import OptionsError
+    from qpeft.core.base.spec import split_list
 
     try:
         return split_list(value)
@@ -91,7 +92,7 @@ def first_cell_settings(args: list, quant: str, adapter: str, output_dir: str):
     run``'s own parser and settings (types, ranges, --device) before any cell starts."""
     from pathlib import Path
 
-    from qpeft.core.compare_grid import Cell, cell_settings, run_flags
+    from qpeft.core.compare.grid import Cell, cell_settings, run_flags
 
     owned = [k for k in CELL_OWNED if k in run_flags(args)]
     if owned:

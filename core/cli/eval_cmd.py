@@ -6,8 +6,8 @@ import click
 
 from qpeft.core.cli import params
 from qpeft.core.cli.run_cmd import SETTINGS
-from qpeft.core.errors import QpeftError
-from qpeft.core.report import with_count
+from qpeft.core.base.errors import QpeftError
+from qpeft.core.run.report import with_count
 
 # Flags that choose the base model, quantizer and data: an adapter directory only (a run
 # directory is evaluated on its own).
@@ -97,8 +97,9 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     import datetime
     from pathlib import Path
 
-    from qpeft.core import distributed, pipeline, rebuild
-    from qpeft.core.run_record import PluginRecord, RunRecord
+    from qpeft.core.train import distributed
+    from qpeft.core.run import pipeline, rebuild
+    from qpeft.core.run.record import PluginRecord, RunRecord
 
     check_out(out, run_dir, overwrite)
     if no_adapter and rank is not None:
@@ -107,7 +108,7 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
     report = _read_json(Path(run_dir) / "report.json", f"finish the run again with: qpeft run --resume {run_dir}")
     cfg = record.settings(run_dir)
     if evaluators:
-        from qpeft.core.spec import join_list
+        from qpeft.core.base.spec import join_list
 
         cfg.evaluators = join_list(evaluators)
     if limit is not None:
@@ -142,8 +143,12 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
     import datetime
     from pathlib import Path
 
-    from qpeft.core import config, distributed, models, peft_files, pipeline, rebuild
-    from qpeft.core.run_record import PluginRecord
+    from qpeft.core.settings import config
+    from qpeft.core.train import distributed
+    from qpeft.core.model import models
+    from qpeft.core.interop import peft_files
+    from qpeft.core.run import pipeline, rebuild
+    from qpeft.core.run.record import PluginRecord
 
     check_out(out, directory, overwrite)
     flags = {**settings, "init_adapter": str(directory), "evaluators": evaluators, "eval_limit": limit}
@@ -230,7 +235,7 @@ def write_json(path, data: dict) -> None:
     import json
     import os
 
-    from qpeft.core.rundir import disk_error
+    from qpeft.core.base.rundir import disk_error
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -3,7 +3,7 @@ re-quantized, with the quality cost measured), or one merged GGUF file for llama
 import click
 
 from qpeft.core.cli import params
-from qpeft.core.gguf_export import TYPES as GGUF_TYPES
+from qpeft.core.interop.gguf_export import TYPES as GGUF_TYPES
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
@@ -47,8 +47,8 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type
     """
     from pathlib import Path
 
-    from qpeft.core.errors import QpeftError
-    from qpeft.core.rundir import refuse_overlap
+    from qpeft.core.base.errors import QpeftError
+    from qpeft.core.base.rundir import refuse_overlap
 
     out = Path(out_path)
     here = Path.cwd().resolve()
@@ -60,12 +60,12 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type
         raise QpeftError("--quality measures a re-quantized export; add --merge --quant SPEC, or drop --quality")
     quantizer = checked = None
     if quant_spec is not None:
-        from qpeft.core import requant
+        from qpeft.core.compare import requant
 
         quantizer = requant.check_spec(quant_spec)   # a bad spec is one line, before any load
         checked = requant.validation(run_dir, quality)   # the run's record, evaluator and data, too
     if fmt == "gguf":
-        from qpeft.core import gguf_export
+        from qpeft.core.interop import gguf_export
 
         gguf_export.check_out(out)
     refuse_overlap(out, run_dir, "the run directory")
@@ -75,7 +75,7 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type
     if fmt == "gguf":
         export_gguf(run_dir, out, gguf_type or "f16", rank, say)
     elif quantizer is not None:
-        from qpeft.core import requant
+        from qpeft.core.compare import requant
 
         report = requant.export(run_dir, out, quantizer, quant_spec, dtype or "float32", rank,
                                 max_shard_size or "500MB", say, quality, checked)
@@ -88,7 +88,7 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type
 
 def check_combination(fmt, merge, quant_spec, gguf_type, dtype, max_shard_size) -> None:
     """Flags that make no sense together, refused before anything loads."""
-    from qpeft.core.errors import QpeftError
+    from qpeft.core.base.errors import QpeftError
 
     if fmt == "gguf":
         for flag, value, why in (("--quant", quant_spec, "a GGUF file is quantized by --gguf-type"),
@@ -110,8 +110,8 @@ def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say) -> None:
     """The adapter in PEFT's format, or the merged model as a transformers directory."""
     import torch
 
-    from qpeft.core.rebuild import rebuild
-    from qpeft.core.rundir import Staged
+    from qpeft.core.run.rebuild import rebuild
+    from qpeft.core.base.rundir import Staged
 
     built = rebuild(run_dir, rank=rank)      # checks --rank and loads before --out is touched
     method = built.composition.method
@@ -133,9 +133,9 @@ def export_gguf(run_dir, out, gguf_type, rank, say) -> None:
     """The merged model as one GGUF file (adapter folded in, in float32, then typed per tensor)."""
     import torch
 
-    from qpeft.core import gguf_export
-    from qpeft.core.rebuild import rebuild
-    from qpeft.core.run_record import RunRecord
+    from qpeft.core.interop import gguf_export
+    from qpeft.core.run.rebuild import rebuild
+    from qpeft.core.run.record import RunRecord
 
     record = RunRecord.read(run_dir)
     gguf_export.check_source(record.model)   # architecture, before the load

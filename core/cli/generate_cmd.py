@@ -35,9 +35,11 @@ def load(directory, no_adapter=False, device="auto", rank=None, say=print, **bas
     evaluators render prompts with (None: the tokenizer's chat template when it has one)."""
     from pathlib import Path
 
-    from qpeft.core import config, distributed, pipeline, rebuild
-    from qpeft.core.errors import QpeftError
-    from qpeft.core.run_record import RunRecord
+    from qpeft.core.settings import config
+    from qpeft.core.train import distributed
+    from qpeft.core.run import pipeline, rebuild
+    from qpeft.core.base.errors import QpeftError
+    from qpeft.core.run.record import RunRecord
 
     if no_adapter and rank is not None:
         raise QpeftError("--rank selects a rank of the adapter; --no-adapter has none; drop one of them")
@@ -45,7 +47,8 @@ def load(directory, no_adapter=False, device="auto", rank=None, say=print, **bas
     directory = Path(directory)
     device = distributed.device_for(device)
     if (directory / "adapter_config.json").is_file() or (given and not (directory / "config.json").is_file()):
-        from qpeft.core import models, peft_files
+        from qpeft.core.model import models
+        from qpeft.core.interop import peft_files
 
         cfg = config.build(None, {**given, "init_adapter": str(directory)})
         plan = pipeline.plan(cfg)
@@ -68,9 +71,9 @@ def load(directory, no_adapter=False, device="auto", rank=None, say=print, **bas
 def prompt_ids(messages: list, tokenizer, template) -> list:
     """The token ids the model answers ``messages`` (a conversation ending with a user turn)
     from: the run's template — the model's chat template for chat models — exactly as the
-    ``prompts`` and ``accuracy`` evaluators build them (:func:`qpeft.core.templates.prompt_ids`)."""
-    from qpeft.core import templates
-    from qpeft.core.data import Example
+    ``prompts`` and ``accuracy`` evaluators build them (:func:`qpeft.core.dataset.templates.prompt_ids`)."""
+    from qpeft.core.dataset import templates
+    from qpeft.core.dataset.examples import Example
 
     instruction = messages[-1]["content"] if len(messages) == 1 else None
     example = Example(messages=list(messages), instruction=instruction, source="prompt")
@@ -79,7 +82,7 @@ def prompt_ids(messages: list, tokenizer, template) -> list:
 
 def read_prompts(prompt: tuple, file) -> list[str]:
     """``--prompt`` texts, then the lines of ``--file`` (one prompt a line; blank lines skipped)."""
-    from qpeft.core.errors import QpeftError
+    from qpeft.core.base.errors import QpeftError
 
     prompts = list(prompt)
     if file is not None:
@@ -139,7 +142,7 @@ def generate_command(directory, no_adapter, device, rank, prompt, file, as_json,
 
     import torch
 
-    from qpeft.core.generation import generate
+    from qpeft.core.model.generation import generate
 
     prompts = read_prompts(prompt, file)
     built, template, device = load(directory, no_adapter, device, rank,

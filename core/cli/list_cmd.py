@@ -3,8 +3,8 @@ import json
 
 import click
 
-from qpeft.core import registry
-from qpeft.core.options import describe
+from qpeft.core.plugin import registry
+from qpeft.core.base.options import describe
 
 
 def plugin_record(cls) -> dict:

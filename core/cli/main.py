@@ -18,9 +18,9 @@ from qpeft.core.cli.generate_cmd import generate_command
 from qpeft.core.cli.list_cmd import list_command
 from qpeft.core.cli.run_cmd import run_command
 from qpeft.core.cli.quantize_cmd import quantize_command
-from qpeft.core.errors import QpeftError
-from qpeft.core.rundir import disk_error
-from qpeft.core.version import __version__
+from qpeft.core.base.errors import QpeftError
+from qpeft.core.base.rundir import disk_error
+from qpeft.core.base.version import __version__
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
@@ -110,7 +110,7 @@ cli.add_command(chat_command)
 
 def main() -> None:
     """Entry point of the ``qpeft`` script and ``python -m qpeft``."""
-    from qpeft.core.install_check import shadow_problem
+    from qpeft.core.plugin.install_check import shadow_problem
 
     problem = shadow_problem()
     if problem:

@@ -4,7 +4,7 @@ import click
 
 def device(ctx, param, value):
     """``--device``: a device name that exists on this machine (one line otherwise)."""
-    from qpeft.core.config import device_problem
+    from qpeft.core.settings.config import device_problem
 
     problem = device_problem(value) if value is not None else None
     if problem:

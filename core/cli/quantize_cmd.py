@@ -5,7 +5,7 @@
                ──model_bytes──▶ size after
 
 Nothing is saved: the command measures. ``--model tiny`` quantizes the random two-layer
-model of :mod:`qpeft.core.testing` (hidden size 64) — a smoke test that needs no model files.
+model of :mod:`qpeft.core.kit.testing` (hidden size 64) — a smoke test that needs no model files.
 """
 import dataclasses
 import json
@@ -15,9 +15,9 @@ import click
 
 from qpeft.core.cli import params
 
-from qpeft.core import registry
-from qpeft.core.errors import OptionsError
-from qpeft.core.spec import format_spec, parse
+from qpeft.core.plugin import registry
+from qpeft.core.base.errors import OptionsError
+from qpeft.core.base.spec import format_spec, parse
 
 TINY = "tiny"
 
@@ -33,19 +33,19 @@ def build_quantizer(spec: str):
 
 
 def load(model_spec: str | None):
-    """The model to measure: ``tiny``, or anything :func:`qpeft.core.models.load_model` takes."""
+    """The model to measure: ``tiny``, or anything :func:`qpeft.core.model.models.load_model` takes."""
     if model_spec == TINY:
-        from qpeft.core.testing import tiny_model
+        from qpeft.core.kit.testing import tiny_model
 
         return tiny_model(vocab_size=1000)
-    from qpeft.core.models import load_model
+    from qpeft.core.model.models import load_model
 
     return load_model(model_spec)[0]
 
 
 def measure(model, quantizer, device: str = "cpu", progress: bool = False) -> dict:
     """Quantize ``model`` in place and return the Table 4.1 figures as a JSON-able dict."""
-    from qpeft.core.quantizer import model_bytes
+    from qpeft.core.kinds.quantizer import model_bytes
 
     before = model_bytes(model)
     dtype_before = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -1,8 +1,8 @@
 """``qpeft run``: one command from a model to an evaluated, saved adapter."""
 import click
 
-from qpeft.core import config as run_config
-from qpeft.core.run_flags import FLAGS, REPEATABLE, SETTINGS, given, options as _options  # noqa: F401
+from qpeft.core.settings import config as run_config
+from qpeft.core.settings.flags import FLAGS, REPEATABLE, SETTINGS, given, options as _options  # noqa: F401
 
 
 @click.command("run")
@@ -20,14 +20,14 @@ def run_command(run_dir, config_file, **flags):
       qpeft run --init-adapter ./my-peft-lora --quant nf4   # continue another tool's adapter
       qpeft run --resume runs/nf4-lora             # continue after an interruption
     """
-    from qpeft.core import pipeline
-    from qpeft.core.errors import OptionsError
+    from qpeft.core.run import pipeline
+    from qpeft.core.base.errors import OptionsError
 
     base = None
     if run_dir is not None:
         if not flags.get("resume"):
             raise click.UsageError("RUN_DIR is only taken with --resume; use --name to name a new run")
-        from qpeft.core.run_record import RunRecord
+        from qpeft.core.run.record import RunRecord
 
         base = RunRecord.read(run_dir).flags(run_dir)
     cfg = run_config.build(config_file, given(flags), base)

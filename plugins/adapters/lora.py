@@ -2,7 +2,7 @@
 
 The ``lora`` method plugin: :class:`qpeft.LowRankMethod` under its name, as a third-party
 method would write it. The layer (``h = Ŵx + s·B·A·dropout(x)``, §4.1, Eq. 3), its
-initialisation and the scaling and init slots live in :mod:`qpeft.core.lowrank`.
+initialisation and the scaling and init slots live in :mod:`qpeft.core.kinds.lowrank`.
 """
 from qpeft import (LoRALinear, LoRAOptions, LowRankMethod, LowRankOptions,  # noqa: F401  (old import path)
                    adapter_layers, add_low_rank, find_targets, hookimpl, low_rank_values, merge_model)

@@ -1,0 +1,49 @@
+"""The method base every adapter method plugin builds on: attach layers, save, load, merge.
+
+Saving and loading go through PEFT's file format (:mod:`qpeft.core.kinds.peft_format`), which
+itself only knows the :class:`~qpeft.core.kinds.adapter_layers.AdapterLayer` interface; this
+module sits above both, so neither imports it.
+"""
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from qpeft.core.kinds import peft_format
+from qpeft.core.kinds.adapter import Adapter
+from qpeft.core.kinds.adapter_layers import adapter_layers, merge_model
+
+
+class AdapterMethod(Adapter):
+    """A method plugin: attaches layers and saves, loads and merges them.
+
+    Subclasses implement :meth:`attach` and :meth:`peft_config`; saving, loading and
+    merging only use the :class:`AdapterLayer` interface, so they are shared.
+    """
+
+    role = "method"
+    peft_type: ClassVar[str] = ""
+    modifiers: list = []        # the modifiers it was attached with (an instance's own list, set by attach)
+
+    def peft_config(self, model: nn.Module) -> dict:
+        """Method-specific ``adapter_config.json`` fields (``peft_type`` and the rest)."""
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, directory, meta: dict | None = None) -> None:
+        """Write the adapter in PEFT's format plus ``qpeft_adapter.json`` (see qpeft.core.kinds.peft_format)."""
+        peft_format.save(model, directory, self.peft_config(model),
+                         [self, *self.modifiers], meta or {})
+
+    def load(self, model: nn.Module, directory) -> None:
+        """Attach (with the saved modifiers) if needed, then load the saved tensors exactly.
+
+        Init modifiers run again on attach (they are deterministic), so a base weight they
+        rewrote is rebuilt before the trained tensors are copied in.
+        """
+        if not adapter_layers(model):
+            self.attach(model, peft_format.saved_modifiers(directory))
+        peft_format.load_tensors(model, directory)
+
+    def merge(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Fold the adapter in: a plain full-precision transformers model (in place)."""
+        return merge_model(model, dtype)
