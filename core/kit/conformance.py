@@ -206,11 +206,11 @@ def update_survives(reference, quantizer, compose, where: str) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         hooks.step_end(model, step)
-        if (step + 1) % 3 == 0:
+        if (step + 1) % 3 == 0:        # (an eval forward first: it drops tensors a layer kept from training)
+            after16 = logits(model.eval(), batch)
             moved = logits(composition.method.merge(copy.deepcopy(model)), batch) - before32
             if moved.pow(2).mean().sqrt() >= 1.5e-3 * before32.pow(2).mean().sqrt():
                 break
-    after16 = logits(model.eval(), batch)
     c = ((after16 - before16) * moved).sum().item() / max((moved * moved).sum().item(), 1e-30)
     assert abs(c - 1) <= 0.4, (
         f"{where}: in bf16 the trained update moves the logits {c:.2f}× as far along its direction as it "
