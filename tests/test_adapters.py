@@ -356,3 +356,28 @@ def test_add_low_rank_under_bf16_autocast_adds_into_a_float32_output():
     expected = 0.5 * (x @ a.t()) @ b.t()
     assert got.dtype == torch.float32
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+
+
+def test_a_method_that_only_writes_wrap_attaches_through_the_one_loop(reference):
+    """AdapterMethod.attach is the one attach loop (issue 17 item 6): a method writes wrap();
+    the targets go through target_matches, only adapter tensors train, and each instance keeps
+    its own modifiers list."""
+    import qpeft
+    from qpeft.plugins.adapters.ia3 import IA3Output
+
+    class Scale(qpeft.AdapterMethod):
+        name, Options = "scale", qpeft.plugins.adapters.ia3.IA3Options
+
+        def wrap(self, name, base, modifiers):
+            return IA3Output(base)
+
+    model, method = quantized(reference), Scale(targets=["v_proj"], feedforward=[])
+    method.attach(model, [])
+    wrapped = sorted(adapter_layers(model))
+    assert wrapped == [n for n in wrapped if qpeft.target_matches(n, ["v_proj"])] and len(wrapped) == 2
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"{n}.ia3_l" for n in wrapped}
+    other = Scale(targets=["v_proj"], feedforward=[])
+    method.modifiers.append("x")
+    assert other.modifiers == []
+    assert qpeft.target_matches("model.layers.0.self_attn.q_proj", ["q_proj"])
+    assert not qpeft.target_matches("model.layers.0.self_attn.qq_proj", ["q_proj"])

@@ -97,16 +97,23 @@ def find_targets(model: nn.Module, targets, owner: str) -> list[tuple[str, nn.Mo
             name = f"{parent_name}.{attr}".lstrip(".")
             names.append(name)
             everything = ALL_LINEAR in targets and child is not head
-            if everything or any(name == t or name.endswith("." + t) for t in targets):
+            if everything or target_matches(name, targets):
                 found.append((name, parent, attr, child))
     unmatched = [t for t in targets if t != ALL_LINEAR
-                 and not any(n == t or n.endswith("." + t) for n, *_ in found)]
+                 and not any(target_matches(n, [t]) for n, *_ in found)]
     if not found or unmatched:
         example = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})) or "none: quantize the model first"
         what = f"target {','.join(unmatched)}" if found else f"targets={','.join(targets)}"
         raise OptionsError(f"{owner} option {what} matched no quantized layer; "
                            f"layer names end with: {example}")
     return found
+
+
+def target_matches(name: str, targets) -> bool:
+    """True when a layer's qualified ``name`` equals one of ``targets`` or ends with
+    ``"." + target`` (``q_proj`` matches ``model.layers.0.self_attn.q_proj``) — the one rule
+    every method and option naming layers uses."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def mark_trainable(model: nn.Module) -> None:

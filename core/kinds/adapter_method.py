@@ -11,19 +11,37 @@ from torch import nn
 
 from qpeft.core.kinds import peft_format
 from qpeft.core.kinds.adapter import Adapter
-from qpeft.core.kinds.adapter_layers import adapter_layers, merge_model
+from qpeft.core.kinds.adapter_layers import AdapterLayer, adapter_layers, find_targets, mark_trainable, merge_model
+from qpeft.core.kinds.quantizer import QuantizedLinear
 
 
 class AdapterMethod(Adapter):
     """A method plugin: attaches layers and saves, loads and merges them.
 
-    Subclasses implement :meth:`attach` and :meth:`peft_config`; saving, loading and
-    merging only use the :class:`AdapterLayer` interface, so they are shared.
+    Subclasses implement :meth:`wrap` (one target layer → its adapter layer) and
+    :meth:`peft_config`; the attach loop, saving, loading and merging only use the
+    :class:`AdapterLayer` interface, so they are shared.
     """
 
     role = "method"
     peft_type: ClassVar[str] = ""
-    modifiers: list = []        # the modifiers it was attached with (an instance's own list, set by attach)
+
+    def __init__(self, options=None, **values):
+        super().__init__(options, **values)
+        self.modifiers: list = []     # the modifiers it was attached with (set by attach)
+
+    def attach(self, model: nn.Module, modifiers: list) -> None:
+        """Replace every layer ``options.targets`` names (:func:`find_targets`) by
+        :meth:`wrap`'s layer, then leave only the adapter tensors trainable — the one attach
+        loop (a method that needs more, e.g. linking layers, extends it and calls super)."""
+        for name, parent, attr, base in find_targets(model, self.options.targets, f"adapter '{self.name}'"):
+            setattr(parent, attr, self.wrap(name, base, modifiers))
+        self.modifiers = list(modifiers)
+        mark_trainable(model)
+
+    def wrap(self, name: str, base: QuantizedLinear, modifiers: list) -> AdapterLayer:
+        """The adapter layer for the target layer ``base`` named ``name``."""
+        raise NotImplementedError(f"adapter '{self.name}' defines neither wrap() nor attach()")
 
     def peft_config(self, model: nn.Module) -> dict:
         """Method-specific ``adapter_config.json`` fields (``peft_type`` and the rest)."""

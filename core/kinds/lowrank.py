@@ -28,7 +28,7 @@ from torch import nn
 
 from qpeft.core.kinds import peft_format
 from qpeft.core.kinds.adapter import Adapter
-from qpeft.core.kinds.adapter_layers import ALL_LINEAR, AdapterLayer, find_targets, layer_device, mark_trainable
+from qpeft.core.kinds.adapter_layers import ALL_LINEAR, AdapterLayer, layer_device
 from qpeft.core.kinds.adapter_method import AdapterMethod
 from qpeft.core.base.options import option
 from qpeft.core.plugin.base import near_misses
@@ -207,18 +207,14 @@ class LowRankMethod(AdapterMethod):
         return self.layer_cls(base, self.rank, self.scaling(modifiers), self.options.dropout,
                               DTYPES[self.options.dtype])
 
-    def attach(self, model: nn.Module, modifiers: list[Adapter]) -> None:
-        """Wrap every target layer; run the init modifier; leave only adapter tensors trainable."""
-        init = _filling(modifiers, "init")
-        for _, parent, attr, base in find_targets(model, self.options.targets, f"adapter '{self.name}'"):
-            layer = self.make_layer(base, modifiers)
-            if init is not None:
-                init.initialize(layer, layer.scaling)
-            layer.finish_init()
-            base.source_weight = None   # the full-precision copy kept for the init modifier, if any
-            setattr(parent, attr, layer)
-        self.modifiers = list(modifiers)
-        mark_trainable(model)
+    def wrap(self, name: str, base: QuantizedLinear, modifiers: list[Adapter]) -> LoRALinear:
+        """:meth:`make_layer`, then the init modifier (if any), then the layer's ``finish_init``."""
+        layer, init = self.make_layer(base, modifiers), _filling(modifiers, "init")
+        if init is not None:
+            init.initialize(layer, layer.scaling)
+        layer.finish_init()
+        base.source_weight = None   # the full-precision copy kept for the init modifier, if any
+        return layer
 
     def peft_config(self, model: nn.Module) -> dict:
         """LoRA's ``adapter_config.json`` fields; each modifier adds its own through

@@ -224,15 +224,22 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype, device) -> None:
                 module._buffers[key] = b.to(device, dtype if b.is_floating_point() else b.dtype)
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes of ``tensors``, each storage once: tied or shared tensors are not counted twice
+    (the one byte counter: model sizes, a layer's ``storage_bytes``, the conformance kit)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes the model holds: quantized storage plus every other tensor, tied ones once."""
-    seen, total = set(), sum(q.storage_bytes() for q in quantized_layers(model).values())
-    for module in _plain_modules(model):
-        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
+    return sum(q.storage_bytes() for q in quantized_layers(model).values()) + tensor_bytes(
+        t for module in _plain_modules(model)
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:

@@ -370,11 +370,9 @@ def storage_is_held(layer, where: str) -> None:
     storage once), and no tensor is held outside them (where ``.to()`` would miss it)."""
     import torch
 
-    seen, held = set(), 0
-    for t in [*layer.parameters(), *layer.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            held += t.numel() * t.element_size()
+    from qpeft.core.kinds.quantizer import tensor_bytes
+
+    held = tensor_bytes([*layer.parameters(), *layer.buffers()])
     assert layer.storage_bytes() == held, (f"{where}: storage_bytes() reports {layer.storage_bytes()} "
                                            f"bytes; its tensors hold {held}")
     loose = [k for k, v in vars(layer).items() if isinstance(v, torch.Tensor) and k != "source_weight"]

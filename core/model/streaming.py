@@ -30,7 +30,7 @@ from torch import nn
 
 from qpeft.core.model import models
 from qpeft.core.base.errors import ModelLoadError
-from qpeft.core.kinds.quantizer import cast_unquantized
+from qpeft.core.kinds.quantizer import cast_unquantized, tensor_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -143,12 +143,7 @@ class Checkpoint:
         """The model's size in its checkpoint dtypes: the stored tensors it uses (each once),
         from the headers, plus the buffers it computed itself."""
         total = sum(_numel(self.shape[k]) * _DTYPES[self.dtype[k]].itemsize for k in set(keys.values()))
-        seen = set()
-        for name, b in model.named_buffers():
-            if name not in keys and b.data_ptr() not in seen:
-                seen.add(b.data_ptr())
-                total += b.numel() * b.element_size()
-        return total
+        return total + tensor_bytes(b for name, b in model.named_buffers() if name not in keys)
 
 
 def _numel(shape) -> int:

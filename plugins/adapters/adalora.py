@@ -141,8 +141,8 @@ class AdaLoRA(LowRankMethod):
     # ulp of an activation, so a bf16 stream rounds them away (the kit measured c = −1.0 over hqq)
     needs_float32_activations = True
 
-    def __init__(self, options=None):
-        super().__init__(options)
+    def __init__(self, options=None, **values):
+        super().__init__(options, **values)
         self.total = self.start = self.end = 0          # T, tinit, T - tfinal (set at on_train_begin)
         self.ipt: dict[str, torch.Tensor] = {}          # Ī per tensor (Eq. 9)
         self.unc: dict[str, torch.Tensor] = {}          # Ū per tensor (Eq. 10)

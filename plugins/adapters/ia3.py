@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qpeft import (DTYPES, AdapterLayer, AdapterMethod, OptionsError, QuantizedLinear, find_targets, hookimpl,
-                   layer_device, mark_trainable, option, peft_format)
+from qpeft import (DTYPES, AdapterLayer, AdapterMethod, OptionsError, QuantizedLinear, hookimpl, layer_device,
+                   option, peft_format, target_matches)
 
 
 class IA3Output(AdapterLayer):
@@ -96,16 +96,12 @@ class IA3(AdapterMethod):
     peft_type = "IA3"
     needs_float32_activations = True   # l ≈ 1 ± 0.3 % is rounded away in a bf16 stream
 
-    def attach(self, model: nn.Module, modifiers: list) -> None:
-        """Wrap each target layer in IA3Input or IA3Output; only the vectors stay trainable."""
+    def wrap(self, name: str, base: QuantizedLinear, modifiers: list) -> AdapterLayer:
+        """IA3Input for a feed-forward target (scaled at its input), else IA3Output (§3.3)."""
         if modifiers:  # compose() already refuses this; guard direct callers
             raise OptionsError(f"adapter '{self.name}' takes no modifiers")
-        dtype = DTYPES[self.options.dtype]
-        for name, parent, attr, base in find_targets(model, self.options.targets, f"adapter '{self.name}'"):
-            cls = IA3Input if _matches(name, self.options.feedforward) else IA3Output
-            setattr(parent, attr, cls(base, dtype))
-        self.modifiers = []
-        mark_trainable(model)
+        cls = IA3Input if target_matches(name, self.options.feedforward) else IA3Output
+        return cls(base, DTYPES[self.options.dtype])
 
     @classmethod
     def from_peft_config(cls, config: dict) -> dict | None:
@@ -119,10 +115,6 @@ class IA3(AdapterMethod):
         return {"peft_type": self.peft_type, "init_ia3_weights": True,
                 "target_modules": peft_format.target_modules(model),
                 "feedforward_modules": peft_format.target_modules(model, set(layers)) if layers else []}
-
-
-def _matches(name: str, suffixes: list[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
 @hookimpl

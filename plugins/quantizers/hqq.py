@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from qpeft import OptionsError, QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option
+from qpeft import OptionsError, QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option, tensor_bytes
 
 NBITS = (1, 2, 3, 4, 8)
 
@@ -80,8 +80,7 @@ class HQQLinear(QuantizedLinear):
 
     def storage_bytes(self) -> int:
         """Packed codes + scale + zero (compute dtype, one each per group) + bias."""
-        held = [self.W_q, self.scale, self.zero] + ([self.bias] if self.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in held)
+        return tensor_bytes([self.W_q, self.scale, self.zero] + ([self.bias] if self.bias is not None else []))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, nbits={self.nbits}, group_size={self.group_size}, "
@@ -105,6 +104,7 @@ class HQQOptions(QuantizerOptions):
                              f"{self.group_size} (e.g. hqq:group_size=64)")
         if self.axis not in (0, 1):
             raise ValueError(f"axis must be 0 or 1; got {self.axis} (e.g. hqq:axis=1)")
+        super().__post_init__()
 
 
 class HQQ(Quantizer):

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option
+from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option, tensor_bytes
 from qpeft.plugins.quantizers._bnb import import_bitsandbytes
 
 
@@ -55,8 +55,7 @@ class Int8Linear(QuantizedLinear):
 
     def storage_bytes(self) -> int:
         """int8 codes + one fp32 scale per output row + bias."""
-        held = [self.CB, self.SCB] + ([self.bias] if self.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in held)
+        return tensor_bytes([self.CB, self.SCB] + ([self.bias] if self.bias is not None else []))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"
@@ -72,6 +71,7 @@ class Int8Options(QuantizerOptions):
     def __post_init__(self):
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0; got {self.threshold} (e.g. int8:threshold=6.0)")
+        super().__post_init__()
 
 
 class Int8(Quantizer):

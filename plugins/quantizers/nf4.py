@@ -19,20 +19,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option
+from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, option, tensor_bytes
 from qpeft.plugins.quantizers._bnb import import_bitsandbytes
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _tensor_bytes(module: nn.Module) -> int:
-    """Bytes of every buffer and parameter ``module`` holds (shared storage counted once)."""
-    seen, total = set(), 0
-    for t in list(module.buffers()) + list(module.parameters()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 class Bnb4bitLinear(QuantizedLinear):
@@ -89,7 +79,7 @@ class Bnb4bitLinear(QuantizedLinear):
 
     def storage_bytes(self) -> int:
         """Codes + absmax (8-bit with double quant) + offset + nested absmax + both code maps + bias."""
-        return _tensor_bytes(self)
+        return tensor_bytes([*self.buffers(), *self.parameters()])
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, quant_type={self.quant_type}, "
@@ -110,6 +100,7 @@ class NF4Options(QuantizerOptions):
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}; "
                              f"got {self.blocksize} (e.g. nf4:blocksize=64)")
+        super().__post_init__()
 
 
 class NF4(Quantizer):

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl
+from qpeft import QuantizedLinear, Quantizer, QuantizerOptions, hookimpl, tensor_bytes
 
 
 class PlainLinear(QuantizedLinear):
@@ -28,8 +28,7 @@ class PlainLinear(QuantizedLinear):
         self.weight.data = weight.detach().to(self.weight.device, self.compute_dtype).clone()
 
     def storage_bytes(self):
-        held = [self.weight] + ([self.bias] if self.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in held)
+        return tensor_bytes([self.weight] + ([self.bias] if self.bias is not None else []))
 
 
 @dataclasses.dataclass
