@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpeft.core.model import models
+from qpeft.core.model import gguf_file, models
 from qpeft.core.base.errors import ModelLoadError
 
 
@@ -142,7 +142,7 @@ def test_truncated_gguf_is_one_line_before_conversion(tmp_path, gguf_cache, caps
 
 def test_the_embedded_gguf_passes_the_header_check():
     path = models.embedded_gguf()
-    assert models._gguf_end(path) == path.stat().st_size
+    assert gguf_file._gguf_end(path) == path.stat().st_size
 
 
 def test_gguf_that_transformers_cannot_convert_leaves_no_cache_entry(tmp_path, gguf_cache):

@@ -39,3 +39,11 @@ def unknown(what: str, word: str, choices, hint: str = "", lead: str = "") -> st
     msg += f"; did you mean '{near}'?" if near else "."
     msg += f" Available: {', '.join(choices) if choices else '(none)'}"
     return msg + (f". {hint}" if hint else "")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error (the type's name where
+    the message alone says nothing: a KeyError's key, an empty message)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return f"{type(exc).__name__}: {first}" if isinstance(exc, KeyError) or not first else first

