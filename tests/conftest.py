@@ -35,3 +35,20 @@ def tiny_dir(tmp_path_factory):
     from qpeft.core.kit.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """A tiny random Llama with a 1000-token vocabulary, the reference model that PEFT-parity
+    tests adapt (``qpeft.testing.adapt`` copies it; tests must not change it in place)."""
+    from qpeft.testing import tiny_model
+
+    return tiny_model(vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def batch():
+    """Two rows of 16 token ids below 1000, seeded."""
+    import torch
+
+    return torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -13,23 +13,13 @@ import pytest
 import torch
 
 from qpeft import QpeftError, TrainFacts, adapter_layers
-from qpeft.testing import adapt, tiny_model
+from qpeft.testing import adapt
 
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS = 10
 SPEC = f"adalora:init_r=6:target_r=3:tinit=2:tfinal=3:dropout=0:alpha=8:targets={','.join(TARGETS)}"
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return tiny_model(vocab_size=1000)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 def peft_adalora(reference):

@@ -31,17 +31,6 @@ def peft_config(spec: str):
                            use_dora=spec.startswith("dora"))
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return tiny_model(vocab_size=1000)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    gen = torch.Generator().manual_seed(1)
-    return torch.randint(0, 1000, (2, 16), generator=gen)
-
-
 def quantized(reference, dtype="float32"):
     model = copy.deepcopy(reference)
     NoQuantization(compute_dtype=dtype).quantize_model(model)

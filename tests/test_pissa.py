@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from qpeft import adapter_layers
-from qpeft.testing import adapt, tiny_model
+from qpeft.testing import adapt
 
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return tiny_model(vocab_size=1000)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 def logits(model, batch):
