@@ -10,7 +10,6 @@ from qpeft.core.plugin import registry
 from qpeft.core.kinds.adapter import compose
 from qpeft.core.base.errors import OptionsError, QpeftError
 from qpeft.core.kinds.quantizer import QuantizedLinear
-from qpeft.core.kit.testing import tiny_model
 from qpeft.core.kinds import peft_format
 from qpeft.plugins.adapters.dora import DoRALinear
 from qpeft.core.kinds.adapter_layers import adapter_layers
