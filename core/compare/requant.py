@@ -24,6 +24,7 @@ import math
 import re
 from pathlib import Path
 
+from qpeft.core.base import progress
 from qpeft.core.base.errors import QpeftError
 
 QUANT_FILE = "qpeft_quant.json"
@@ -69,7 +70,8 @@ def quality_value(cfg, plan, quality, model, tokenizer, stage: str = "after") ->
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ctx = pipeline.eval_context(cfg, model, tokenizer, "cpu", plan.validation, plan.test)
-    result = plan.evaluators[0].evaluate(ctx(stage=stage, facts={}))
+    with progress.evaluating(f"{stage} {plan.evaluators[0].name}"):     # a bar while it evaluates
+        result = plan.evaluators[0].evaluate(ctx(stage=stage, facts={}))
     value = result.get(quality.metric)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         why = result.get("error") or f"it reported {', '.join(result) or 'nothing'}"
@@ -110,7 +112,7 @@ def measure(run_dir, quantizer, spec: str, dtype: str = "float32", rank: int | N
         save(merged, built.tokenizer)
     values["merged"], sizes["merged"] = measured(merged, "merged"), model_bytes(merged)
     merged.float()                       # what `qpeft run --model DIR` loads (float32), then quantizes
-    quantizer.quantize_model(merged, device="cpu")
+    quantizer.quantize_model(merged, device="cpu", progress=True)     # a bar per layer (HQQ: minutes)
     values["shipped"], sizes["shipped"] = measured(merged, "shipped"), model_bytes(merged)
     return {"run": record.run, "base_model": record.model or "embedded",
             "trained_with": {"quantizer": record.quantizer.name, "quantizer_options": record.quantizer.options,

@@ -137,7 +137,7 @@ class Quantizer(Plugin):
         stats = []
         targets = self.targets(model)
         for name, parent, attr, linear in tqdm(targets, desc=f"quantizing ({self.name})",
-                                               disable=not progress, unit="layer"):
+                                               disable=None if progress else True, unit="layer"):
             layer, layer_stats = self.quantize_one(name, linear, device, measure, keep_source)
             stats.append(layer_stats)
             setattr(parent, attr, layer)
