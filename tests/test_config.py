@@ -208,3 +208,26 @@ def test_a_well_formed_run_config_reads_back(tmp_path):
         **config.RunConfig().to_dict(), "device": "cuda"}}))
     record = RunRecord.read(tmp_path)        # a GPU run's config reads on any machine
     assert record.settings(tmp_path).device == "cuda"
+
+
+def test_each_setting_is_declared_once_and_the_flags_and_ranges_come_from_it():
+    """Issue 17 item 5: a setting's default, help and range live in its field; the flag, its
+    '[default: …]' and RANGES are generated, so they cannot disagree."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from qpeft.core.cli.main import cli
+    from qpeft.core.settings import config, flags
+
+    fields = [f for cls in (config.RunConfig, config.TrainConfig) for f in dataclasses.fields(cls)]
+    flagged = {"--" + f.name.replace("_", "-") for f in fields if f.metadata.get("flag")}
+    assert flagged == {s[0] for s in flags.SETTINGS} | {f[0] for f in flags.FLAGS}
+    assert len(flagged) == 34 and {"validation_split", "progress", "train"}.isdisjoint(flagged)
+    numeric = {f.name for f in fields if f.type in ("int", "float", int, float)} - {"progress"}
+    assert set(config.RANGES) == numeric
+    assert config.RANGES["eval_every"].problem(-2) == "must be ≥ -1"
+    text = " ".join(CliRunner().invoke(cli, ["run", "--help"], terminal_width=400).output.split())
+    for f in fields:
+        if f.metadata.get("flag") and not f.metadata["shown"] and f.type not in ("bool", bool):
+            assert f"[default: {f.default}]" in text.split("--" + f.name.replace("_", "-"), 1)[1], f.name

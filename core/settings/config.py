@@ -28,67 +28,6 @@ DEFAULT_GRID = {"quant": "none;nf4;hqq", "adapter": "lora;lora+rslora;dora"}   #
 LIST_SETTINGS = ("evaluators",)     # a list of specs: "a;b", a repeated flag or a YAML list
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Training settings; defaults follow the thesis (AdamW, constant LR)."""
-
-    steps: int = 100                 # optimizer steps (0: use epochs)
-    epochs: float = 1.0
-    batch_size: int = 8              # global examples per optimizer step
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
-    seed: int = 42
-    log_every: int = 5
-    eval_every: int = -1              # -1: five times per run (every steps/5)
-    save_every: int = 50
-    gradient_checkpointing: bool = False
-    progress: bool = True
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Everything ``qpeft run`` needs; the flags of ``qpeft run --help`` map 1:1 to fields."""
-
-    model: str | None = None           # None: the embedded SmolLM2-135M-Instruct
-    data: str | None = None            # None: the bundled edge-tasks dataset
-    validation_data: str | None = None
-    data_format: str = "auto"
-    template: str = "auto"
-    max_length: int = 256
-    train_on_prompt: bool = False
-    skip_bad_lines: bool = False
-    validation_split: float = 0.2
-    packing: bool = False
-    quant: str = DEFAULT_QUANT
-    adapter: str = DEFAULT_ADAPTER     # "" with init_adapter: the spec comes from that directory
-    init_adapter: str | None = None    # an adapter directory (PEFT format) whose weights training starts from
-    evaluators: str = DEFAULT_EVALUATORS  # specs joined by ';' (core/base/spec.py)
-    eval_limit: int = 0                # 0: every example
-    name: str | None = None
-    output_dir: str = "runs"
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-
-    @property
-    def run_name(self) -> str:
-        adapter = f"init-{Path(self.init_adapter).resolve().name}" if self.init_adapter else self.adapter
-        return self.name or f"{self.quant}-{adapter}".replace(":", "_").replace("=", "")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The values a numeric setting takes: ``low``/``high`` bounds (None: unbounded),
@@ -113,28 +52,99 @@ class Range:
         return "must be " + " and ".join(words)
 
 
-RANGES = {  # every numeric setting of RunConfig and TrainConfig → its range
-    "max_length": Range("256", low=8),
-    "validation_split": Range("0.2", low=0, high=1, low_open=True, high_open=True),
-    "eval_limit": Range("100", low=0),
-    "steps": Range("100", low=0),
-    "epochs": Range("1", low=0, low_open=True),        # checked only when --steps is 0
-    "batch_size": Range("8", low=1),
-    "grad_accum": Range("1", low=1),
-    "lr": Range("3e-4", low=0, low_open=True),
-    "weight_decay": Range("0.01", low=0),
-    "warmup_steps": Range("10", low=0),
-    "max_grad_norm": Range("1.0", low=0),
-    "seed": Range("42", low=0, high=2**32 - 1),         # what every seeded RNG accepts (numpy: 32-bit)
-    "log_every": Range("5", low=1),
-    "eval_every": Range("20", low=-1),
-    "save_every": Range("50", low=0),
-}
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
 def _num(x) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def setting(default, help: str, shown: str | None = None, path: str | None = None, flag: bool = True,
+            range: Range | None = None, **field):
+    """A run setting declared once: its default, the help its ``qpeft run`` flag shows
+    (``[default: …]`` added from ``default``, or ``shown``), ``path`` ("dir"/"file") for a
+    path flag, ``flag=False`` for a setting only a config file sets, and its :class:`Range`.
+    The flags (:mod:`qpeft.core.settings.flags`), the config-file keys and :data:`RANGES`
+    are generated from these declarations."""
+    meta = {"help": help, "shown": shown, "path": path, "flag": flag, "range": range}
+    if field.get("default_factory"):
+        return dataclasses.field(metadata=meta, **field)
+    return dataclasses.field(default=default, metadata=meta, **field)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training settings; defaults follow the thesis (AdamW, constant LR)."""
+
+    steps: int = setting(100, "optimizer steps; 0 to train for --epochs", range=Range("100", low=0))
+    epochs: float = setting(1.0, "epochs when --steps is 0", shown="1",
+                            range=Range("1", low=0, low_open=True))          # checked only when --steps is 0
+    batch_size: int = setting(8, "examples per optimizer step, across processes", range=Range("8", low=1))
+    grad_accum: int = setting(1, "micro-batches per step", range=Range("1", low=1))
+    lr: float = setting(3e-4, "peak learning rate", shown="3e-4", range=Range("3e-4", low=0, low_open=True))
+    schedule: Literal["constant", "cosine", "linear"] = setting("constant", "LR schedule after warmup")
+    warmup_steps: int = setting(0, "linear warmup steps", range=Range("10", low=0))
+    weight_decay: float = setting(0.0, "AdamW weight decay", shown="0", range=Range("0.01", low=0))
+    max_grad_norm: float = setting(1.0, "gradient clipping, 0 to disable", range=Range("1.0", low=0))
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = setting(
+        "adamw", "optimizer; paged ones need CUDA")
+    seed: int = setting(42, "seed for data order, split, init and dropout",   # what every seeded RNG takes
+                        range=Range("42", low=0, high=2**32 - 1))
+    log_every: int = setting(5, "log every N steps", range=Range("5", low=1))
+    eval_every: int = setting(-1, "validation loss every N steps (in metrics.jsonl and loss.png), 0 never",
+                              shown="-1, five times per run", range=Range("20", low=-1))
+    save_every: int = setting(50, "checkpoint every N steps", range=Range("50", low=0))
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    progress: bool = setting(True, "progress bars", flag=False)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``qpeft run`` needs; the flags of ``qpeft run --help`` are generated from
+    these fields and :class:`TrainConfig`'s (:mod:`qpeft.core.settings.flags`)."""
+
+    model: str | None = setting(None, "Hugging Face id or directory, a .gguf file, or tiny (a random 2-layer test "
+                                "model)", shown="embedded SmolLM2-135M-Instruct")
+    quant: str = setting(DEFAULT_QUANT, "quantizer spec, e.g. hqq:nbits=2")
+    adapter: str = setting(DEFAULT_ADAPTER, "adapter spec, e.g. lora:r=8:targets=q_proj,v_proj+rslora")
+    init_adapter: str | None = setting(None, "start from this adapter directory's weights: PEFT's format "
+                                       "(adapter_config.json + adapter_model.safetensors) from PEFT, Unsloth, axolotl, "
+                                       "LLaMA-Factory or qpeft; the adapter spec comes from it", path="dir")
+    data: str | None = setting(None, "training data: Alpaca, chat or text JSON/JSONL", path="file",
+                               shown="bundled edge tasks")
+    validation_data: str | None = setting(None, "explicit validation file", path="file",
+                                          shown="seeded 80/20 split")
+    data_format: Literal["auto", "alpaca", "chat", "text"] = setting("auto", "format of --data")
+    template: Literal["auto", "chat", "alpaca"] = setting("auto", "prompt template",
+                                                          shown="the model's chat template")
+    max_length: int = setting(256, "maximum tokens per example", range=Range("256", low=8))
+    evaluators: str = setting(DEFAULT_EVALUATORS, "evaluator specs separated by ';', or the flag repeated")
+    eval_limit: int = setting(0, "evaluate on at most N examples per split, 0 for all", range=Range("100", low=0))
+    name: str | None = setting(None, "run name", shown="QUANT-ADAPTER")
+    output_dir: str = setting("runs", "where run directories go", path="dir")
+    device: str = setting("auto", "cpu, cuda, cuda:1 or auto")
+    resume: bool = setting(False, "continue RUN_DIR from its newest complete checkpoint")
+    overwrite: bool = setting(False, "replace an existing run directory")
+    skip_bad_lines: bool = setting(False, "skip malformed data lines instead of refusing them")
+    train_on_prompt: bool = setting(False, "take the loss on prompt tokens too")
+    packing: bool = setting(False, "pack short examples into --max-length sequences")
+    validation_split: float = setting(0.2, "share of --data held out for validation", flag=False,
+                                      range=Range("0.2", low=0, high=1, low_open=True, high_open=True))
+    train: TrainConfig = setting(None, "", flag=False, default_factory=TrainConfig)
+
+    @property
+    def run_name(self) -> str:
+        adapter = f"init-{Path(self.init_adapter).resolve().name}" if self.init_adapter else self.adapter
+        return self.name or f"{self.quant}-{adapter}".replace(":", "_").replace("=", "")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RANGES = {f.name: f.metadata["range"] for cls in (RunConfig, TrainConfig)   # every numeric setting → its range
+          for f in dataclasses.fields(cls) if f.metadata.get("range")}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _flag(key: str) -> str:
