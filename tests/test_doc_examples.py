@@ -39,3 +39,17 @@ def test_the_documented_plugins_and_their_tests_pass(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert re.search(r"\b8 passed\b", run.stdout), run.stdout[-500:]
+
+
+def test_the_python_example_of_adapters_md_runs_on_the_public_surface(tmp_path):
+    """docs/adapters.md, "Using an adapter from Python": public names only; the reloaded
+    adapter (qpeft.load_adapter) gives the saved model's logits exactly."""
+    code = block("import qpeft", doc="adapters.md")
+    check = ('\nimport torch\nx = torch.randint(0, 1000, (1, 8))\n'
+             'with torch.no_grad():\n    a, b = model.eval()(x).logits, fresh.eval()(x).logits\n'
+             'assert torch.equal(a, b), (a - b).abs().max()\nprint("ok")\n')
+    script = code.replace("merged = again.method.merge(fresh)", "") + check
+    assert "qpeft.core" not in code and "qpeft.plugins" not in code
+    (tmp_path / "example.py").write_text(script)
+    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

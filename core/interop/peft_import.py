@@ -145,6 +145,17 @@ def read(directory, registry=None, given: str = "") -> Imported:
     return imported
 
 
+def load_adapter(model, directory, registry=None):
+    """Attach the adapter saved in ``directory`` — written by qpeft, or a plain PEFT adapter
+    from PEFT, Unsloth, axolotl or LLaMA-Factory — to the quantized ``model`` and load its
+    tensors (checked first, one line on any problem); returns its Composition
+    (``.method.save(model, dir)``, ``.method.merge(model)``). Public as ``qpeft.load_adapter``."""
+    imported = read(directory, registry)
+    imported.composition.attach(model)
+    imported.load(model)
+    return imported.composition
+
+
 # -- qpeft's own adapters ----------------------------------------------------------------
 def _read_qpeft(directory: Path, registry) -> Imported:
     from qpeft.core.kinds.adapter import assemble

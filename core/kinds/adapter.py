@@ -201,8 +201,13 @@ class Composition:
         self.method.attach(model, self.modifiers)
 
 
-def compose(spec: str, registry) -> Composition:
-    """A :class:`Composition` from ``"dora+loftq:iters=3"``, or a one-line error."""
+def compose(spec: str, registry=None) -> Composition:
+    """A :class:`Composition` from ``"dora+loftq:iters=3"`` (plugins looked up in ``registry``,
+    default the process-wide one), or a one-line error."""
+    if registry is None:
+        from qpeft.core.plugin.registry import default
+
+        registry = default()
     return assemble(specs.parse(spec), registry, spec)
 
 
