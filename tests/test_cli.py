@@ -27,7 +27,7 @@ def test_list_json_is_machine_readable():
     assert none["origin"] == "qpeft" and none["kind"] == "quantizer"
     assert {"name": "compute_dtype", "type": "auto|bfloat16|float16|float32", "default": "auto",
             "help": "dtype of matmuls and of the layers left unquantized (float32 for adapters that "
-                    "need float32 activations: ia3, dora); auto: bfloat16 where the hardware computes it "
+                    "need float32 activations, e.g. ia3, dora, adalora); auto: bfloat16 where the hardware computes it "
                     "natively (CUDA; CPUs with AVX-512 BF16 or AMX), else float32"} in none["options"]
     assert data["failures"] == []
 

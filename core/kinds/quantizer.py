@@ -70,7 +70,7 @@ class QuantizerOptions:
 
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto", "dtype of matmuls and of the layers left unquantized (float32 for adapters that "
-                "need float32 activations: ia3, dora); auto: bfloat16 where the hardware computes it "
+                "need float32 activations, e.g. ia3, dora, adalora); auto: bfloat16 where the hardware computes it "
                 "natively (CUDA; CPUs with AVX-512 BF16 or AMX), else float32")
     include_lm_head: bool = option(False, "also quantize the output projection (lm_head)")
 
