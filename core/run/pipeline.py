@@ -39,7 +39,8 @@ from qpeft.core.plugin.build import build_plugin
 from qpeft.core.kinds.quantizer import model_bytes
 from qpeft.core.run.record import RunRecord
 from qpeft.core.base.spec import split_list
-from qpeft.core.train.trainer import Interrupted, Stopped, StopAtOnce, Trainer, seed_everything
+from qpeft.core.train.signals import Interrupted, Stopped, StopAtOnce
+from qpeft.core.train.trainer import Trainer, seed_everything
 
 
 @dataclasses.dataclass
