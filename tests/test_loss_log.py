@@ -63,3 +63,18 @@ def test_smoothing_survives_a_resume(tokenizer, tmp_path):
     straight, resumed = lines(tmp_path / "a"), lines(tmp_path / "b")
     keys = ("step", "loss", "loss_mean", "loss_ema")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
+
+
+def test_the_validation_time_stays_out_of_the_training_time_and_throughput(tokenizer, tmp_path):
+    import time
+
+    def slow(model):
+        time.sleep(0.5)
+        return {"eval_loss": 1.0}
+
+    began = time.perf_counter()
+    result = Trainer(adapted_tiny(tokenizer), source(tokenizer, 16), cfg(steps=2, eval_every=1), tmp_path,
+                     evaluate=slow).train()
+    wall = time.perf_counter() - began
+    assert result.seconds < wall - 1.0, (result.seconds, wall)        # two 0.5 s validations left out
+    assert lines(tmp_path)[-1]["tokens_per_s"] == pytest.approx(result.tokens / result.seconds, rel=0.5)

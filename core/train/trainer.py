@@ -92,6 +92,7 @@ class Trainer:
         self.step, self.epoch, self.index = 0, 0, 0
         self.extra: dict = {}          # this step's extra loss terms, logged as loss/<name>
         self.losses = LossLog()        # loss_mean over the logging window, loss_ema
+        self.eval_seconds = 0.0       # time spent on the periodic validation loss, kept out of throughput
         self.eval_every = config.eval_every if config.eval_every >= 0 else max(1, self.total_steps // 5)
         self.history: list = []
         self.stop_signal: int | None = None
@@ -134,7 +135,8 @@ class Trainer:
         final = self.losses.last_mean      # the mean over the last logging window
         if math.isnan(final):   # resumed at its last step (a finished run): nothing trained now
             final = next((r.get("loss_mean", r["loss"]) for r in reversed(self.history) if "loss" in r), loss)
-        return TrainResult(self.step, final, time.perf_counter() - started, tokens, self.history)
+        seconds = time.perf_counter() - started - self.eval_seconds    # training only: validation excluded
+        return TrainResult(self.step, final, seconds, tokens, self.history)
 
     def _loop(self, bar, started: float) -> tuple[float, int]:
         tokens, loss = 0, float("nan")
@@ -147,13 +149,15 @@ class Trainer:
             bar.update(1)
             record = {}      # one metrics.jsonl line per step at most: training, validation or both
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                rate = tokens / max(time.perf_counter() - started, 1e-9)
+                rate = tokens / max(time.perf_counter() - started - self.eval_seconds, 1e-9)
                 record = {"step": self.step, "loss": loss, **self.extra, **self.losses.fields(),
                           "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate,
                           "memory_mb": memory.current_mb(self.device)}
             if self.eval_every and self.step % self.eval_every == 0 and self.evaluate:
                 self.model.eval()
+                began = time.perf_counter()
                 record = {"step": self.step, **record, **self.evaluate(self.model)}
+                self.eval_seconds += time.perf_counter() - began
                 self.model.train()
             if record:
                 self._log(record, bar)
