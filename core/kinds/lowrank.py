@@ -108,8 +108,10 @@ class LoRALinear(AdapterLayer):
 
     # -- merge and save ------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """``s·B·A`` as a float32 (out×in) tensor."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        """``s·B·A`` as a float32 (out×in) tensor, from :meth:`low_rank` (so a layer that
+        overrides only ``low_rank`` merges what it computes)."""
+        a, b, s = self.low_rank()
+        return (b.detach().float() @ a.detach().float()) * s
 
     def merged_weight(self) -> torch.Tensor:
         """``Ŵ + s·B·A`` (Hu et al. 2021, §4.2: no inference latency once merged)."""

@@ -69,10 +69,6 @@ class SVDLinear(LoRALinear):
         """Triplets kept."""
         return int(self.kept.sum())
 
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
-        return b @ (a * self.lora_E.detach().float()) * self.scaling
-
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The kept triplets only, as PEFT saves an AdaLoRA adapter with a ``rank_pattern``."""
         kept = self.kept
@@ -147,6 +143,7 @@ class AdaLoRA(LowRankMethod):
         self.ipt: dict[str, torch.Tensor] = {}          # Ī per tensor (Eq. 9)
         self.unc: dict[str, torch.Tensor] = {}          # Ū per tensor (Eq. 10)
         self.grads: dict[str, torch.Tensor] = {}        # this step's gradients, taken in on_gradients
+        self.layers: dict = {}                          # the layers attach made (masks are training state)
 
     @property
     def rank(self) -> int:
@@ -182,7 +179,7 @@ class AdaLoRA(LowRankMethod):
         if self.options.orth_reg_weight == 0:
             return None
         terms = []
-        for layer in adapter_layers(model).values():
+        for layer in self.layers.values():
             for gram in (layer.lora_A @ layer.lora_A.t(), layer.lora_B.t() @ layer.lora_B):
                 eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
                 terms.append(torch.linalg.matrix_norm(gram - eye))
@@ -191,16 +188,16 @@ class AdaLoRA(LowRankMethod):
     def on_gradients(self, model, step: int) -> None:
         """Keep this step's gradients of P, Λ, Q for the scores (before T − tfinal)."""
         if step < self.end:
-            self.grads = {key: p.grad.detach().clone() for key, p in self.tensors(model).items()
+            self.grads = {key: p.grad.detach().clone() for key, p in self.tensors().items()
                           if p.grad is not None}
 
     @torch.no_grad()
     def on_step_end(self, model, step: int) -> None:
         """PEFT's ``update_and_allocate(step)``: update the scores; prune to b(t) when due;
         at ``T − tfinal`` the final allocation; after it, the final mask re-applied."""
-        layers = adapter_layers(model)
+        layers = self.layers
         if step < self.end:
-            self.update_scores(model)
+            self.update_scores()
             budget, due = self.budget(step, len(layers))
             if due:
                 self.mask_to_budget(layers, budget)
@@ -214,17 +211,18 @@ class AdaLoRA(LowRankMethod):
     def on_train_end(self, model, facts) -> None:
         """The saved adapter is the trained one: λ of pruned triplets back to 0 (they may have
         regrown since the last allocation when ``delta_t`` > 1)."""
-        for layer in adapter_layers(model).values():
+        for layer in self.layers.values():
             layer.apply_mask()
 
-    def tensors(self, model) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": getattr(layer, key) for name, layer in adapter_layers(model).items()
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """P, Λ, Q of every layer, keyed ``<layer>.lora_A`` …"""
+        return {f"{name}.{key}": getattr(layer, key) for name, layer in self.layers.items()
                 for key in ("lora_A", "lora_B", "lora_E")}
 
-    def update_scores(self, model) -> None:
+    def update_scores(self) -> None:
         """Ī and Ū of every entry (Eqs. 8–10) from ``|w · grad|``."""
         b1, b2 = self.options.beta1, self.options.beta2
-        for key, p in self.tensors(model).items():
+        for key, p in self.tensors().items():
             if key not in self.grads:
                 continue
             sensitivity = (p * self.grads[key]).abs()
@@ -255,11 +253,11 @@ class AdaLoRA(LowRankMethod):
     # -- training state in checkpoints ---------------------------------------------------
     def attach(self, model, modifiers) -> None:
         super().attach(model, modifiers)
-        self.layers = adapter_layers(model)      # whose ``kept`` masks are training state
+        self.layers = adapter_layers(model)
 
     def state_dict(self) -> dict:
         """Ī, Ū and each layer's kept triplets: a resumed run prunes as an uninterrupted one."""
-        kept = {name: layer.kept.clone() for name, layer in getattr(self, "layers", {}).items()}
+        kept = {name: layer.kept.clone() for name, layer in self.layers.items()}
         return {"ipt": dict(self.ipt), "unc": dict(self.unc), "kept": kept}
 
     def load_state_dict(self, state: dict) -> None:
