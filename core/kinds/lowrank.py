@@ -11,7 +11,8 @@ A is Kaiming-uniform (a=√5, as PEFT), B is zero, so the adapted model starts e
 base model; s = α/r. The pieces a variant may replace:
 
 - **slots** filled by modifier plugins (see :class:`ScalingModifier`, :class:`InitModifier`):
-  ``"scaling"`` (rsLoRA: α/√r) and ``"init"`` (LoftQ, OLoRA: A, B and possibly the base weight);
+  ``"scaling"`` (rsLoRA: α/√r), ``"init"`` (LoftQ, OLoRA: A, B and possibly the base weight)
+  and ``"connection"`` (IR-QLoRA's IEC: a linear map folded into the A, B in use);
 - **methods of** :class:`LoRALinear` overridden by subclassing methods (DoRA, QDyLoRA):
   ``forward``, ``low_rank`` (the A, B, s in use), ``lora_delta``, ``merged_weight``,
   ``finish_init``, ``base_changed``, ``adapter_tensors``.
@@ -57,6 +58,21 @@ class InitModifier(Protocol):
         """Set the initial A, B (and possibly the base weight) of ``layer``."""
 
 
+class ConnectionModifier(Protocol):
+    """What a modifier with ``modifies = "connection"`` provides (IEC, IR-QLoRA §3.2).
+
+    A linear map around the low-rank pair that folds into an equivalent pair of the same rank.
+    ``connect`` runs once per layer at attach, before the init modifier, and returns a module
+    the layer keeps as ``layer.connection`` (its parameters train beside A and B). That module
+    has ``fold(A, B, s) -> (A', B', s')``, the pair the layer then computes with — forward,
+    merge and save (a saved adapter is a plain LoRA of the folded pair, so PEFT loads it) — and
+    ``reset()``, after which ``fold`` is the identity: loading a saved pair calls it.
+    """
+
+    def connect(self, layer: "LoRALinear") -> nn.Module:
+        """The connection module of ``layer``."""
+
+
 
 class LoRALinear(AdapterLayer):
     """``h = base(x) + s·B·A·dropout(x)`` (Hu et al. 2021, §4.1, Eq. 3).
@@ -74,6 +90,7 @@ class LoRALinear(AdapterLayer):
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.base_rewritten = False
+        self.connection: nn.Module | None = None   # a "connection" modifier's module (ConnectionModifier)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,8 +113,10 @@ class LoRALinear(AdapterLayer):
 
     # -- forward -------------------------------------------------------------------
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(A, B, s)`` in use: the update is ``s·B·A`` (QDyLoRA returns a rank slice)."""
-        return self.lora_A, self.lora_B, self.scaling
+        """``(A, B, s)`` in use: the update is ``s·B·A`` (QDyLoRA returns a rank slice), folded
+        through the connection if one is attached."""
+        pair = self.lora_A, self.lora_B, self.scaling
+        return pair if self.connection is None else self.connection.fold(*pair)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``s·B·A·x`` in the adapter dtype (``x`` already dropped out)."""
@@ -118,7 +137,21 @@ class LoRALinear(AdapterLayer):
         return self.base.dequantize().to(self.lora_A.device) + self.delta_weight()
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        a, b = (self.lora_A, self.lora_B) if self.connection is None else self.low_rank()[:2]
+        return {"lora_A.weight": a, "lora_B.weight": b}
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A saved pair has the connection folded in: it is loaded into A, B and the
+        connection reset, which computes the same."""
+        connection = self.connection
+        if connection is None:
+            return super().load_adapter_tensors(tensors)
+        connection.reset()
+        self.connection = None
+        try:
+            super().load_adapter_tensors(tensors)
+        finally:
+            self.connection = connection
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
@@ -180,7 +213,8 @@ class LowRankMethod(AdapterMethod):
     """A LoRA-family method: a subclass gives ``name`` and ``description`` and may replace
     ``layer_cls``, ``Options``, ``make_layer`` or ``peft_config`` (LoRA, DoRA, QDyLoRA)."""
 
-    slots = {"scaling": ScalingModifier, "init": InitModifier}  # slot -> what fills it
+    slots = {"scaling": ScalingModifier, "init": InitModifier,   # slot -> what fills it
+             "connection": ConnectionModifier}
     Options = LoRAOptions
     layer_cls: ClassVar[type[LoRALinear]] = LoRALinear
     peft_type = "LORA"
@@ -212,6 +246,9 @@ class LowRankMethod(AdapterMethod):
     def wrap(self, name: str, base: QuantizedLinear, modifiers: list[Adapter]) -> LoRALinear:
         """:meth:`make_layer`, then the init modifier (if any), then the layer's ``finish_init``."""
         layer, init = self.make_layer(base, modifiers), _filling(modifiers, "init")
+        connection = _filling(modifiers, "connection")
+        if connection is not None:
+            layer.connection = connection.connect(layer)
         if init is not None:
             init.initialize(layer, layer.scaling)
         layer.finish_init()
