@@ -277,7 +277,8 @@ class LowRankMethod(AdapterMethod):
         if init is not None:
             init.initialize(layer, layer.scaling)
         layer.finish_init()
-        base.source_weight = None   # the full-precision copy kept for the init modifier, if any
+        if init is None or not init.calibration_batches():   # a calibrating init drops it once applied
+            base.source_weight = None   # the full-precision copy kept for the init modifier, if any
         return layer
 
     def peft_config(self, model: nn.Module) -> dict:
