@@ -164,7 +164,7 @@ def calibrate(model, composition: Composition, batches: list) -> None:
     composition.method.restore_calibration(model, states)
 
 
-def random_batches(vocab_size: int, count: int = 4, rows: int = 2, length: int = 16, seed: int = 0) -> list:
+def random_batches(vocab_size: int, count: int = 4, rows: int = 4, length: int = 32, seed: int = 0) -> list:
     """``count`` batches of random token ids (labels: the ids, the first quarter masked), seeded."""
     import torch
 

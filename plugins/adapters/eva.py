@@ -28,7 +28,7 @@ import torch
 from qpeft import Adapter, OptionsError, adapter_layers, hookimpl, option
 from qpeft.plugins.adapters._ipca import IncrementalPCA
 
-MAX_PASSES = 100   # over the calibration batches; PEFT cycles until convergence without a bound
+MAX_PASSES = 25    # over the calibration batches; PEFT cycles until convergence without a bound
 
 
 @dataclasses.dataclass
