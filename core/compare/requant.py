@@ -187,7 +187,7 @@ def _gap(value: float, reference: float) -> float:
 
 def export(run_dir, out, quantizer, spec: str, dtype: str = "float32", rank: int | None = None,
            max_shard_size: str = "500MB", say=print, quality: str | None = None, checked=None,
-           calibrate: int | None = None) -> dict:
+           calibrate: int | None = None, road: str = "W+ΔW") -> dict:
     """Write the merged model + ``qpeft_quant.json`` + ``export_report.json`` to ``out`` (built
     beside it, swapped in only when complete); returns the report."""
     from qpeft.core.base.rundir import Staged
@@ -199,7 +199,7 @@ def export(run_dir, out, quantizer, spec: str, dtype: str = "float32", rank: int
             merged.save_pretrained(staged.path, max_shard_size=max_shard_size)
             tokenizer.save_pretrained(staged.path)
 
-        report = measure(run_dir, quantizer, spec, dtype, rank, save, say, quality, checked, calibrate)
+        report = measure(run_dir, quantizer, spec, dtype, rank, save, say, quality, checked, calibrate, road)
         record = {"quant": spec, "quantizer": report["quantizer"], "qpeft_version": __version__,
                   "source_run": str(Path(run_dir).resolve()), "merged_dtype": dtype, "saved": report["saved"],
                   "requantized_from": report["requantized_from"]["road"],
