@@ -36,7 +36,7 @@ def calibrate(composition, model, source, micro: int, device, world, run_dir: Pa
         state = None
         if world.is_main:
             started = time.perf_counter()
-            batches = CalibrationBatches(source, count, micro, device, label=f"calibrating {part.name}")
+            batches = CalibrationBatches(source, count, micro, device, label=f"calibrating {part.name}", say=say)
             state = checked(part, _calibrate_leaving_model_as_found(part, model, batches))
             say(f"qpeft: {part.name} calibrated on {count} training batches ({batches.tokens} labelled "
                 f"tokens, {time.perf_counter() - started:.1f} s)")

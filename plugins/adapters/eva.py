@@ -77,14 +77,16 @@ class EVA(Adapter):
         pcas = {name: IncrementalPCA(most[name]) for name in layers if name not in shared}
         owner = {**{n: n for n in pcas}, **shared}
         ranks = self._fit(model, layers, batches, pcas, owner, shared, most, budget)
-        state = {}
+        state, unsettled = {}, 0
         for name, rank in ranks.items():
             pca = pcas[owner[name]]
-            if not bool(pca.converged[:rank].all()):
-                raise OptionsError(f"eva: the directions of {name} did not converge; raise "
-                                   "eva:calibration_batches or lower eva:tau")
+            unsettled += not bool(pca.converged[:rank].all())
             a = pca.components_[:rank]
             state[name] = a / pca.singular_values_[:rank].sqrt().reshape(-1, 1) if self.options.whiten else a
+        if unsettled:     # PEFT would cycle on; a layer whose inputs have no dominant directions never settles
+            batches.say(f"qpeft: eva: {unsettled} of {len(ranks)} layers' directions still moved after {MAX_PASSES} "
+                        f"passes over {len(batches)} batches (cosine < tau={self.options.tau}); they start from the "
+                        "last estimate (more eva:calibration_batches or a lower eva:tau let them settle)")
         return state
 
     def _fit(self, model, layers, batches, pcas, owner, shared, most, budget) -> dict:
@@ -107,8 +109,11 @@ class EVA(Adapter):
         finally:
             for hook in hooks:
                 hook.remove()
-        raise OptionsError(f"eva: the layer inputs' directions did not converge in {MAX_PASSES} passes over "
-                           f"{len(batches)} batches; raise eva:calibration_batches or lower eva:tau")
+        missing = [name for name, p in pcas.items() if p.components_ is None]
+        if missing:
+            raise OptionsError(f"eva: {missing[0]} never saw {pcas[missing[0]].n_components} labelled tokens in one "
+                               f"batch (ρ·r components need as many); use a larger --batch-size or a lower rank")
+        return ranks
 
     def _hook(self, name, pca, rows, done):
         def fold_in(module, args, output):
