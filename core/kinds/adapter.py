@@ -228,7 +228,7 @@ class Composition:
     @property
     def calibrating(self) -> list[Adapter]:
         """The parts that look at training data before training (:meth:`Adapter.calibrate`)."""
-        return [part for part in self.parts if part.calibration_batches() > 0]
+        return [part for part in self.parts if getattr(part, "calibration_batches", lambda: 0)() > 0]
 
     def attach(self, model) -> None:
         self.method.attach(model, self.modifiers)

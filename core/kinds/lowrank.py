@@ -277,7 +277,7 @@ class LowRankMethod(AdapterMethod):
         if init is not None:
             init.initialize(layer, layer.scaling)
         layer.finish_init()
-        if init is None or not init.calibration_batches():   # a calibrating init drops it once applied
+        if init is None or not getattr(init, "calibration_batches", lambda: 0)():   # a calibrating init drops it once applied
             base.source_weight = None   # the full-precision copy kept for the init modifier, if any
         return layer
 
