@@ -110,35 +110,13 @@ def test_merge_and_requant_reports_the_quality_cost_and_reloads_as_what_it_measu
                                                    "--evaluators (perplexity); use one the run measured: perplexity")
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "again"), "--evaluators", "perplexity"])
     assert result.exit_code == 0, result.output
+    check_calibrated(run_dir, tmp_path)
 
 
-def test_requant_flags_are_checked_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
-    import qpeft.core.run.rebuild
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text("{}")
-    monkeypatch.setattr(qpeft.core.run.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
-    cases = [(["--merge", "--quant", "bogus"], "unknown quantizer 'bogus'"),
-             (["--merge", "--quant", "hqq:nbits=9"], "hqq"),
-             (["--quant", "nf4"], "--quant applies to a merged model; add --merge"),
-             (["--calibrate", "4"], "--calibrate re-quantizes a merged model with error feedback; add --merge"),
-             (["--merge", "--quant", "nf4", "--calibrate", "4", "--dtype", "bfloat16"], "drop --dtype"),
-             (["--merge", "--quant", "int8", "--calibrate", "4"], "'int8' does not have"),
-             (["--no-merge"], "--no-merge applies to --format gguf"),
-             (["--dtype", "bfloat16"], "--dtype applies to a merged model; add --merge")]
-    for flags, expected in cases:
-        result = CliRunner().invoke(cli, ["export", str(run_dir), *flags, "--out", str(tmp_path / "o")])
-        assert result.exit_code == 2 and expected in result.output, result.output
-        assert len(result.output.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
-
-
-def test_calibrated_merge_ships_gptqs_codes_and_reloads_as_measured(tiny_dir, tmp_path):
+def check_calibrated(run_dir, tmp_path):
     """``--calibrate N``: GPTQ over N of the run's training batches; the saved float32 weights sit on
     NF4's grid, so re-quantizing them on load gives the measured model (its codes, the absmax up to
     double quantization's drift)."""
-    report, run_dir = finished_run(tiny_dir, tmp_path, "nf4:compute_dtype=float32", "lora:r=4", "cal")
     out, spec = tmp_path / "gptq", "nf4:compute_dtype=float32"
     result = CliRunner().invoke(cli, ["export", str(run_dir), "--merge", "--quant", spec, "--calibrate", "2",
                                       "--out", str(out)])
@@ -166,3 +144,25 @@ def test_calibrated_merge_ships_gptqs_codes_and_reloads_as_measured(tiny_dir, tm
     refused = CliRunner().invoke(cli, ["export", str(run_dir), "--merge", "--quant", "hqq:nbits=4", "--calibrate",
                                        "2", "--out", str(tmp_path / "h")])
     assert refused.exit_code == 2 and "'hqq:nbits=4' does not have" in refused.output
+
+
+def test_requant_flags_are_checked_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    import qpeft.core.run.rebuild
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    monkeypatch.setattr(qpeft.core.run.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
+    cases = [(["--merge", "--quant", "bogus"], "unknown quantizer 'bogus'"),
+             (["--merge", "--quant", "hqq:nbits=9"], "hqq"),
+             (["--quant", "nf4"], "--quant applies to a merged model; add --merge"),
+             (["--calibrate", "4"], "--calibrate re-quantizes a merged model with error feedback; add --merge"),
+             (["--merge", "--quant", "nf4", "--calibrate", "4", "--dtype", "bfloat16"], "drop --dtype"),
+             (["--merge", "--quant", "int8", "--calibrate", "4"], "'int8' does not have"),
+             (["--no-merge"], "--no-merge applies to --format gguf"),
+             (["--dtype", "bfloat16"], "--dtype applies to a merged model; add --merge")]
+    for flags, expected in cases:
+        result = CliRunner().invoke(cli, ["export", str(run_dir), *flags, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
