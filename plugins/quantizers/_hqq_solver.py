@@ -51,6 +51,17 @@ def initial_scale_zero(w: torch.Tensor, q_max: int, round_zero: bool):
     return s, z, lo * s, hi * s
 
 
+def zero_step(r: torch.Tensor, s: torch.Tensor, shrink_free: bool, ones: torch.Tensor,
+              lp_norm: float = LP_NORM, beta: float = BETA) -> torch.Tensor:
+    """z − z_next of eq. 6 from the residual r (g×G, code units): s·mean(sign(r)·min(e, e^(p−1)/β)),
+    e = |r|/s; just mean(r) when ``shrink_free`` (every e ≤ β^(−1/(2−p))). ``ones``: 1×g."""
+    if shrink_free:
+        return (ones @ r).div_(r.shape[0])
+    e = r.abs().div_(s)                                      # |W − W_r|
+    step = torch.minimum(e, e.pow(lp_norm - 1).div_(beta)).mul_(r.sign())
+    return step.mean(dim=0, keepdim=True).mul_(s)
+
+
 def solve_chunk(w: torch.Tensor, q_max: int, round_zero: bool, iters: int, tol: float,
                 lp_norm: float = LP_NORM, beta: float = BETA):
     """Eq. 5–6 on the groups in the columns of ``w`` (float32, g×G, overwritten): returns
@@ -76,12 +87,8 @@ def solve_chunk(w: torch.Tensor, q_max: int, round_zero: bool, iters: int, tol: 
         if i == iters or (i > 0 and last - total <= tol * last):
             break
         last, ran = total, i + 1
-        if half_ok and bool(((z >= z_lo) & (z <= z_hi)).all()):
-            step = (ones @ r).div_(w.shape[0])              # eq. 6 with W_e = 0
-        else:
-            e = r.abs().div_(s)                              # |W − W_r|
-            step = torch.minimum(e, e.pow(lp_norm - 1).div_(beta)).mul_(r.sign())
-            step = step.mean(dim=0, keepdim=True).mul_(s)
+        shrink_free = half_ok and bool(((z >= z_lo) & (z <= z_hi)).all())
+        step = zero_step(r, s, shrink_free, ones, lp_norm, beta)
         if not bool(step.any()):                             # every zero a fixed point
             break
         z = z - step
