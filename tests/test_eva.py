@@ -37,22 +37,23 @@ def logits(model, batch):
         return model.eval()(input_ids=batch).logits
 
 
-def peft_eva(reference, batches, rslora=False, rho=2.0):
+def peft_eva(reference, batches, rslora=False, rho=2.0, dora=False):
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
     theirs = peft.get_peft_model(copy.deepcopy(reference), peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights="eva",
-        use_rslora=rslora, eva_config=peft.EvaConfig(rho=rho)))
+        use_rslora=rslora, use_dora=dora, eva_config=peft.EvaConfig(rho=rho)))
     initialize_lora_eva_weights(theirs, batches, show_progress_bar=False)
     return theirs
 
 
 @pytest.mark.parametrize("spec, rslora, rho", [("lora:r=4:alpha=8:dropout=0+eva:calibration_batches=4", False, 2.0),
                                                ("lora:r=4:alpha=8:dropout=0+eva:calibration_batches=4:rho=1+rslora",
-                                                True, 1.0)])
+                                                True, 1.0),
+                                               ("dora:r=4:alpha=8:dropout=0+eva:calibration_batches=4", False, 2.0)])
 def test_init_ranks_and_scalings_equal_peft(reference, batch, batches, spec, rslora, rho):
     ours, _ = adapt(reference, spec, calibration=batches)
-    theirs = peft_eva(reference, batches, rslora, rho)
+    theirs = peft_eva(reference, batches, rslora, rho, dora=spec.startswith("dora"))
     ranks = {}
     for name, layer in adapter_layers(ours).items():
         ranks[name] = layer.r
