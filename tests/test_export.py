@@ -166,3 +166,23 @@ def test_requant_flags_are_checked_before_the_model_loads(tiny_dir, tmp_path, mo
         assert result.exit_code == 2 and expected in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_export_columns_show_plain_and_calibrated(tmp_path):
+    """``qpeft compare --export-quant``: a cell's kept report gives both re-quantizations' columns;
+    a report from before the calibrated column is measured again (here: refused, no run)."""
+    from qpeft.core.compare import requant
+
+    values = {"trained": 4.84, "merged": 4.65, "shipped": 4.76, "calibrated": 4.80}
+    gaps = {k + "_vs_trained": values[k] / values["trained"] - 1 for k in ("merged", "shipped", "calibrated")}
+    kept = {"values": values, "relative_gap": {**gaps, "shipped_vs_merged": 0.0}, "calibration": {"batches": 8},
+            "quality": {"evaluator": "perplexity", "metric": "perplexity"}}
+    (tmp_path / "export-nf4.json").write_text(json.dumps(kept))
+    columns = requant.compare_columns(tmp_path, "nf4", say=lambda _: None)
+    assert columns == {"export_trained": 4.84, "export_merged": 4.65, "export_shipped": 4.76,
+                       "export_gap_pct": pytest.approx(-1.653, abs=1e-3), "export_calibrated": 4.80,
+                       "export_calibrated_gap_pct": pytest.approx(-0.826, abs=1e-3)}
+    del kept["calibration"]
+    (tmp_path / "export-nf4.json").write_text(json.dumps(kept))
+    again = requant.compare_columns(tmp_path, "nf4", say=lambda _: None)
+    assert again["export_calibrated"] is None and "config.json" in again["export_error"]
