@@ -26,7 +26,7 @@ from qpeft.core.train import distributed, memory
 from qpeft.core.model import models, streaming
 from qpeft.core.base import progress, rundir
 from qpeft.core.plugin import registry
-from qpeft.core.run import calibration, report, record as run_record
+from qpeft.core.run import baselines, calibration, report, record as run_record
 from qpeft.core.dataset import templates
 from qpeft.core.kinds.adapter import compose
 from qpeft.core.dataset.batch_source import EncodedBatches
@@ -189,7 +189,7 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     run_dir = open_run_dir(cfg, mode, record) if world.is_main else cfg.run_dir
     world.barrier()
     ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test)
-    before = evaluate_before(p, ctx, facts, run_dir, mode == "resume", world, say)
+    before = evaluate_before(cfg, p, ctx, facts, run_dir, mode == "resume", world, say, device)
     attach(cfg, p, model)
     batches, stats = training_batches(cfg, p, tokenizer)
     calibrate(cfg, p, model, batches, device, world, run_dir, mode == "resume", say)
@@ -269,9 +269,12 @@ def choices(cfg: RunConfig, p: Plan, device) -> list[str]:
             f"({q.dtype_reason}) · activations {activations}"]
 
 
-def evaluate_before(p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, world, say) -> dict:
+def evaluate_before(cfg: RunConfig, p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, world, say,
+                    device="cpu") -> dict:
     """Stage 2: the evaluators on the quantized model before training (kept in
-    ``eval_before.json``, so a resumed run does not measure them again)."""
+    ``eval_before.json``, so a resumed run does not measure them again). A reproducible
+    evaluator's result is read from, or written to, the baseline cache (:mod:`baselines`)
+    unless ``--no-cache``; ``facts["before_cached"]`` names those read."""
     before_file = run_dir / "eval_before.json"
     if resuming and before_file.is_file():
         try:
@@ -280,7 +283,24 @@ def evaluate_before(p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, wo
             raise QpeftError(f"{before_file} is damaged ({str(exc).splitlines()[0][:120]}); delete it (it is "
                              f"measured again) and resume: qpeft run --resume {run_dir}") from None
         return before
-    before = evaluate(p.evaluators, ctx(stage="before", facts=dict(facts)), say)
+    cached, entries = {}, {}
+    if not cfg.no_cache and any(ev.reproducible for ev in p.evaluators):
+        shared = baselines.run_key(cfg, p, device)
+        for ev in p.evaluators:
+            if ev.reproducible:
+                entries[ev.name] = baselines.entry(shared, ev)
+                found = baselines.read(*entries[ev.name])
+                if found is not None:
+                    cached[ev.name] = found
+                    say(f"  before {ev.name}: {report.brief(found)} (cached: same model, quantizer and data)")
+    measured = evaluate([ev for ev in p.evaluators if ev.name not in cached], ctx(stage="before", facts=dict(facts)), say)
+    if world.is_main:
+        for name, result in measured.items():
+            if name in entries:
+                baselines.write(*entries[name], result, run_dir)
+    before = {ev.name: cached.get(ev.name, measured.get(ev.name)) for ev in p.evaluators}
+    if cached:
+        facts["before_cached"] = ", ".join(cached)
     if world.is_main:
         before_file.write_text(json.dumps(before, indent=2))
     return before
