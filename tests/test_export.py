@@ -20,7 +20,7 @@ def finished_run(tiny_dir, out, quant, adapter, name):
 
 
 def test_loftq_run_rebuilds_to_the_reported_perplexity_and_merges(tiny_dir, tmp_path):
-    report, run_dir = finished_run(tiny_dir, tmp_path, "nf4:compute_dtype=float32", "lora:r=4+loftq", "lq")
+    report, run_dir = finished_run(tiny_dir, tmp_path, "nf4:compute_dtype=float32", "lora:r=4+loftq:iters=2", "lq")
     result = CliRunner().invoke(cli, ["eval", str(run_dir), "--evaluators", "perplexity"])
     assert result.exit_code == 0, result.output
     [saved] = run_dir.glob("eval-*.json")
@@ -39,9 +39,26 @@ def test_loftq_run_rebuilds_to_the_reported_perplexity_and_merges(tiny_dir, tmp_
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, built.model(ids).logits, rtol=1e-3, atol=1e-3)
     assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
+    # what --merge --quant re-quantizes for a base LoftQ rewrote: the residual it quantized (its last
+    # Eq. 6 argument), whose quantization is exactly the trained base — not the checkpoint's W
+    from qpeft.core.compare import base_weights
+    from qpeft.core.compare.requant import validation
+
+    _, plan, _, record = validation(run_dir)
+    again, pre = base_weights.rebuild(run_dir, record, plan)
+    name = "model.layers.1.mlp.up_proj"
+    layer = again.model.get_submodule(name)
+    linear = torch.nn.Linear(*reversed(pre[name].shape), bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(pre[name])
+    assert torch.equal(plan.quantizer.quantize_linear(linear).dequantize(), layer.base.dequantize())
+    from safetensors.torch import load_file
+
+    w = load_file(f"{tiny_dir}/model.safetensors")[name + ".weight"].float()
+    assert float((pre[name] - w).norm() / w.norm()) > 0.01          # W − s·B₁·A₁ (iters=2), not W
     refused = CliRunner().invoke(cli, ["export", str(run_dir), "--rank", "2", "--out", str(tmp_path / "r")])
     assert refused.exit_code == 2
-    assert "--rank needs a dynamic-rank adapter such as qdylora; this run used 'lora:r=4+loftq'" in refused.output
+    assert "--rank needs a dynamic-rank adapter such as qdylora; this run used 'lora:r=4+loftq:iters=2'" in refused.output
 
 
 def test_qdylora_exports_at_a_smaller_rank_as_plain_lora(tiny_dir, tmp_path):
