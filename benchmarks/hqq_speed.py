@@ -12,6 +12,8 @@ real tensors of a checkpoint with ``--model DIR``. Reports per layer: wall and C
     python benchmarks/hqq_speed.py                         # 4-bit, the default layers
     python benchmarks/hqq_speed.py --nbits 2 --tol 0,1e-4 --threads 1,2 --repeats 2
     python benchmarks/hqq_speed.py --model /tmp/llama-1b --layers 0
+    python benchmarks/hqq_speed.py --ablation      # which change matters: 20 fixed iterations,
+                                                   # hqq's step whole-layer vs in chunks, pow or not
 """
 import argparse
 import json
@@ -65,6 +67,43 @@ def qpeft(w, nbits, group_size, axis, store, tol, threads):
     return w_hat, sum(ran) / len(ran)
 
 
+def ablation(w, nbits, group_size, axis, store, iters: int = 20, chunk: int = 1 << 16):
+    """CPU seconds of ``iters`` fixed iterations (no early stop) four ways: hqq's legacy step
+    over the whole layer (as hqq runs it), the same step chunk by chunk, qpeft's step with the
+    power always computed, and qpeft's as shipped (power skipped where the shrinkage is 0)."""
+    from hqq.core.optimize import optimize_weights_proximal_legacy_step as hqq_step
+
+    from qpeft.plugins.quantizers import _hqq_solver as solver
+
+    def hqq_steps(rows):
+        grouped = w.float().reshape(-1, group_size)
+        for a in range(0, grouped.shape[0], rows):
+            wf = grouped[a:a + rows]
+            lo, hi = wf.min(1, keepdim=True)[0], wf.max(1, keepdim=True)[0]
+            s = (2 ** nbits - 1) / (hi - lo)
+            z = (-lo * s).round()
+            for _ in range(iters):
+                _, _, z, _ = hqq_step(wf, s, z, [0, 2 ** nbits - 1], 10.0, 0.7, 1)
+
+    def ours(shrink_free: bool):
+        step = solver.zero_step
+        solver.zero_step = lambda r, s, free, *a: step(r, s, free and shrink_free, *a)
+        try:
+            solver.solve(w, nbits, group_size, axis, nbits == 4, store, tol=-1.0, chunk=chunk, threads=1)
+        finally:
+            solver.zero_step = step
+
+    out = {}
+    for label, fn in [("hqq step, whole layer", lambda: hqq_steps(w.numel())),
+                      ("hqq step, chunks", lambda: hqq_steps(chunk // group_size)),
+                      ("qpeft, pow always", lambda: ours(False)),
+                      ("qpeft", lambda: ours(True))]:
+        cpu = time.process_time()
+        fn()
+        out[label] = time.process_time() - cpu
+    return out
+
+
 def timed(fn, *args):
     wall, cpu = time.perf_counter(), time.process_time()
     w_hat, iters = fn(*args)
@@ -89,8 +128,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-reference", action="store_true", help="skip hqq's own solver (slow)")
     ap.add_argument("--json", help="write every measurement here")
+    ap.add_argument("--ablation", action="store_true", help="time 20 fixed iterations four ways (one thread)")
     a = ap.parse_args()
     store = DTYPES[a.store]
+    if a.ablation:
+        torch.set_num_threads(1)
+        print("| layer | " + " | ".join(["hqq step, whole layer", "hqq step, chunks", "qpeft, pow always",
+                                           "qpeft"]) + " |  (CPU seconds, 20 iterations, 1 thread)")
+        for name, w in layers(a.model, [int(b) for b in a.layers.split(",")]).items():
+            cpu = ablation(w, a.nbits, a.group_size, a.axis, store)
+            print(f"| {name} {tuple(w.shape)} | " + " | ".join(f"{v:.2f}" for v in cpu.values()) + " |", flush=True)
+        return
     variants = [(float(t), int(n)) for t in a.tol.split(",") for n in a.threads.split(",")]
     rows = []
     print("| layer | solver | wall s | CPU s | ‖W−Ŵ‖/‖W‖ | mean abs err | iterations |")
