@@ -121,9 +121,12 @@ def solve(weight: torch.Tensor, nbits: int, group_size: int, axis: int, round_ze
           chunk: int = 1 << 16, threads: int | None = None):
     """hqq's ``Quantizer.quantize`` (optimize=True) up to bit packing: unpacked codes (uint8),
     scale and zero (float32 holding ``store_dtype`` values) in hqq's shapes for ``axis``, and
-    the zero updates each chunk ran."""
+    the zero updates each chunk ran. ``threads``: chunks solved side by side (default
+    ``torch.get_num_threads()``)."""
     q_max, g = 2 ** nbits - 1, group_size
     w = weight.detach()
+    if w.device.type != "cpu":       # an accelerator: few large launches, one host thread
+        chunk, threads = max(chunk, 1 << 24), 1
     cols = w.reshape(-1, g).t() if axis == 1 else w.reshape(g, -1)  # g × groups
     n = cols.shape[1]
     codes = torch.empty(n, g, dtype=torch.uint8, device=w.device) if axis == 1 else \
