@@ -11,7 +11,7 @@ Badri & Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2
 
 The zero-points come from ``_hqq_solver``: hqq's own proximal solver
 (``optimize_weights_proximal``, with ``BaseQuantizeConfig``'s parameters) run in cache-sized
-chunks of groups, ~30× less CPU time than hqq's whole-layer passes, with no higher error
+chunks of groups, ~20× less CPU time than hqq's whole-layer passes, with no higher error
 (benchmarks/hqq_speed.py). The codes are packed by hqq's ``BitPack`` and dequantized by its
 ``Quantizer.dequantize``, in hqq's layout; they are held here as buffers, so
 ``.to(device)`` and ``state_dict`` work (``HQQLinear.to`` is a no-op) and hqq never touches
