@@ -21,8 +21,10 @@ DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
                    "tokenizer) that transformers loads. --no-merge with --format gguf: the base the adapter "
                    "was trained on, without it, for --format gguf-lora's adapter.")
 @click.option("--quant", "quant_spec",
-              help="With --merge: re-quantize the merged model with this quantizer (nf4, hqq:nbits=4, ...) "
-                   "and report the quality cost on the run's validation set (export_report.json).")
+              help="With --merge: re-quantize with this quantizer (nf4, hqq:nbits=4, ...) the base's "
+                   "full-precision weights plus the adapter's update (W+ΔW: NF4 would round the update away "
+                   "from the merged Ŵ+ΔW), and report the quality cost on the run's validation set "
+                   "(export_report.json).")
 @click.option("--quality", metavar="EVALUATOR[:METRIC]",
               help="With --quant: the metric that measures the cost, one of the run's evaluators "
                    "[default: the first of them with a primary metric, e.g. perplexity]")
