@@ -28,7 +28,6 @@ import torch
 from qpeft import Adapter, OptionsError, adapter_layers, hookimpl, option
 from qpeft.plugins.adapters._ipca import IncrementalPCA
 
-MAX_PASSES = 25    # over the calibration batches; PEFT cycles until convergence without a bound
 
 
 @dataclasses.dataclass
@@ -39,10 +38,14 @@ class EVAOptions:
     label_mask: bool = option(True, "use only the tokens the loss sees (labels ≠ -100), as PEFT's use_label_mask")
     whiten: bool = option(False, "divide each direction by the square root of its singular value")
     adjust_alpha: bool = option(True, "α_l = α·r_l/r, so a layer's scaling stays α/r (PEFT's adjust_scaling_factors)")
+    max_passes: int = option(25, "passes over the batches at most before unsettled layers take the last estimate "
+                             "(PEFT cycles until every direction settles)")
 
     def __post_init__(self):
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be at least 1, got {self.calibration_batches}")
+        if self.max_passes < 1:
+            raise ValueError(f"max_passes must be at least 1, got {self.max_passes}")
         if self.rho < 1:
             raise ValueError(f"rho must be ≥ 1, got {self.rho}")
         if not 0 < self.tau <= 1:
@@ -84,7 +87,7 @@ class EVA(Adapter):
             a = pca.components_[:rank]
             state[name] = a / pca.singular_values_[:rank].sqrt().reshape(-1, 1) if self.options.whiten else a
         if unsettled:     # PEFT would cycle on; a layer whose inputs have no dominant directions never settles
-            batches.say(f"qpeft: eva: {unsettled} of {len(ranks)} layers' directions still moved after {MAX_PASSES} "
+            batches.say(f"qpeft: eva: {unsettled} of {len(ranks)} layers' directions still moved after {self.options.max_passes} "
                         f"passes over {len(batches)} batches (cosine < tau={self.options.tau}); they start from the "
                         "last estimate (more eva:calibration_batches or a lower eva:tau let them settle)")
         return state
@@ -96,7 +99,7 @@ class EVA(Adapter):
         hooks = [layers[name].register_forward_hook(self._hook(name, pcas[name], rows, done))
                  for name in pcas]
         try:
-            for _ in range(MAX_PASSES):
+            for _ in range(self.options.max_passes):
                 for batch in batches:
                     for name, pca in pcas.items():
                         done[name] = bool(pca.converged[:ranks[name]].all())
