@@ -178,8 +178,9 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
     else:
         say(f"qpeft: loading {Path(directory).name} ({_short(cfg.adapter)}) over {model} × {cfg.quant} on {device}")
     built = rebuild.onto_base(cfg, plan, device, rank, no_adapter=no_adapter)
+    plugins = [] if no_adapter else [plan.quantizer, *plan.adapter.parts, *plan.evaluators]
     ctx = pipeline.eval_context(cfg, built.model, built.tokenizer, device, plan.validation,
-                                plan.test)(stage="before" if no_adapter else "after", facts={})
+                                plan.test, plugins)(stage="before" if no_adapter else "after", facts={})
     results = pipeline.evaluate(plan.evaluators, ctx, say)
     record = {"adapter": str(directory), "adapter_attached": not no_adapter, "adapter_spec": cfg.adapter,
               "model": model,
