@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 
 from qpeft.core.train import checkpoint, distributed, lean, memory
-from qpeft.core.settings.config import TrainConfig, task_weight_values
+from qpeft.core.settings.config import TrainConfig
 from qpeft.core.base.errors import QpeftError
 from qpeft.core.train.loss import token_loss_sum
 from qpeft.core.train.loss_log import LossLog
 from qpeft.core.train.optim import apply_settings, build_optimizer, build_schedule
 from qpeft.core.train.hooks import TrainFacts, TrainHooks
 from qpeft.core.train.signals import Interrupted
+from qpeft.core.train.task_sampling import TaskSampler
 
 
 class TrainingError(QpeftError):
@@ -91,8 +92,7 @@ class Trainer:
             raise TrainingError(f"--batch-size {config.batch_size} must be divisible by --grad-accum "
                                 f"× processes = {config.grad_accum * self.dist.world}")
         self.micro = config.batch_size // config.grad_accum
-        self.task_weights = self._task_weights()     # per-task sampling: task → w_t; else {}
-        self.task_pos = {t: [0, 0] for t in self.task_weights}    # task → [epoch, index]
+        self.tasks = TaskSampler(batches, config.task_weights) if config.task_sampling == "per-task" else None
         self.task_losses: dict = {}                  # this step's L_t, logged as task_loss/<task>
         self.optimizer = build_optimizer(self.params, config, self.device)
         self.total_steps = self._total_steps()
@@ -105,30 +105,11 @@ class Trainer:
         self.history: list = []
         self.stop_signal: int | None = None
 
-    def _task_weights(self) -> dict:
-        """``{task: w_t}`` for ``--task-sampling per-task`` (checked against the data), else {}."""
-        if self.cfg.task_sampling != "per-task":
-            return {}
-        tasks = getattr(self.batches, "tasks", ())
-        if not tasks:
-            raise TrainingError("--task-sampling per-task needs training examples with a 'task' (docs/data.md); "
-                                "none has one: drop the flag or add tasks")
-        given = task_weight_values(self.cfg.task_weights)
-        unknown = sorted(set(given) - set(tasks))
-        if unknown:
-            raise TrainingError(f"--task-weights names task '{unknown[0]}', which no training example has; "
-                                f"tasks: {', '.join(tasks)}")
-        weights = {t: given.get(t, 1.0) for t in tasks}
-        if not any(weights.values()):
-            raise TrainingError("--task-weights gives every task weight 0; nothing would train")
-        return weights
-
     def _total_steps(self) -> int:
         if self.cfg.steps > 0:
             return self.cfg.steps
-        if self.task_weights:   # an epoch: as many examples as the training set holds
-            per_step = self.micro * self.cfg.grad_accum * len(self.task_weights)
-            return max(1, math.ceil(len(self.batches.items) / per_step * self.cfg.epochs))
+        if self.tasks is not None:
+            return self.tasks.steps_per_epoch(self.micro, self.cfg.grad_accum, self.cfg.epochs)
         per_epoch = self.batches.num_batches(self.micro) // self.cfg.grad_accum
         return max(1, math.ceil(per_epoch * self.cfg.epochs))
 
@@ -239,7 +220,7 @@ class Trainer:
                           f"with a checkpoint; continue with: qpeft run --resume {self.run_dir}")
 
     def _optimizer_step(self) -> tuple[float, int]:
-        if self.task_weights:
+        if self.tasks is not None:
             return self._task_step()
         micro_batches = [self._next_batch() for _ in range(self.cfg.grad_accum)]
         local = sum(_supervised(b) for b, _ in micro_batches)
@@ -264,17 +245,18 @@ class Trainer:
         """One step of MTLoRA's Algorithm 2: a mini-batch of every task, ``Σ_t w_t · L_t``
         (``L_t``: task t's token mean over the step). A constant extra loss term is added
         once (its micro-batch weights sum to 1 over the step)."""
-        drawn = {t: [self._next_task_batch(t) for _ in range(self.cfg.grad_accum)] for t in self.task_weights}
+        weights, world = self.tasks.weights, self.dist.world
+        drawn = {t: [self.tasks.next_batch(t, self.micro, self.dist.rank, world) for _ in range(self.cfg.grad_accum)]
+                 for t in weights}
         counts = {t: self.dist.sum_int(sum(_supervised(b) for b, _ in batches)) for t, batches in drawn.items()}
         empty = [t for t, n in counts.items() if n == 0]
         if empty:
             raise TrainingError(f"step {self.step + 1}: the mini-batch of task '{empty[0]}' has no supervised "
                                 "tokens; check --max-length and that responses are not truncated away")
         seen = self._seen([b for batches in drawn.values() for b in batches])
-        weight_sum, world = sum(self.task_weights.values()), self.dist.world
-        sums = {}
+        weight_sum, sums = sum(weights.values()), {}
         for task, batches in drawn.items():
-            w, sums[task] = self.task_weights[task], 0.0
+            w, sums[task] = weights[task], 0.0
             for batch, tasks in batches:
                 s, n = self._forward(batch, tasks)
                 extra_weight = n / counts[task] * w / weight_sum * world
@@ -282,7 +264,7 @@ class Trainer:
                                      n).backward()
                 sums[task] += s.item()
         per_task = {t: self.dist.sum_float(sums[t]) / counts[t] for t in drawn}
-        loss = sum(self.task_weights[t] * value for t, value in per_task.items())
+        loss = sum(weights[t] * value for t, value in per_task.items())
         self.task_losses = {f"task_loss/{t}": value for t, value in per_task.items()}
         self.extra = self.hooks.extra_logged(sum(counts.values()), self.dist.sum_float)
         self._apply_gradients(loss)
@@ -322,15 +304,6 @@ class Trainer:
         tasks = self.batches.batch_tasks(*where) if hasattr(self.batches, "batch_tasks") else None
         self.index += 1
         return batch, tasks
-
-    def _next_task_batch(self, task: str) -> tuple[dict, tuple]:
-        """The next mini-batch of ``task`` from its own order (its own epochs)."""
-        source, pos = self.batches.of_task(task), self.task_pos[task]
-        if pos[1] >= source.num_batches(self.micro):
-            pos[0], pos[1] = pos[0] + 1, 0
-        batch = source.batch(pos[0], pos[1], self.micro, self.dist.rank, self.dist.world)
-        pos[1] += 1
-        return batch, (task,) * len(batch["input_ids"])
 
     def _log(self, record: dict, bar) -> None:
         self.history.append(record)
@@ -374,7 +347,7 @@ class Trainer:
         state = {"weights": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
                  "position": {"step": self.step, "epoch": self.epoch, "index": self.index,
-                              **({"tasks": {t: list(p) for t, p in self.task_pos.items()}} if self.task_pos else {})},
+                              **({"tasks": self.tasks.state()} if self.tasks is not None else {})},
                  "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                          "python_pos": random.getstate()[2]},
                  "history": self.history, "plugins": self.hooks.state(), "losses": self.losses.state()}
@@ -432,9 +405,8 @@ class Trainer:
         apply_settings(self.optimizer, self.scheduler, self.cfg)
         pos = state["position"]
         self.step, self.epoch, self.index = pos["step"], pos["epoch"], pos["index"]
-        for task, (epoch, index) in (pos.get("tasks") or {}).items():
-            if task in self.task_pos:
-                self.task_pos[task] = [int(epoch), int(index)]
+        if self.tasks is not None:
+            self.tasks.load(pos.get("tasks"))
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), state["rng"]["python_pos"]))
         self.history = list(state["history"])
