@@ -120,6 +120,15 @@ qrun() {   # NAME MODEL STEPS FLAGS...
 qrun nf4-lora "$SMALL" "$STEPS" --quant nf4 --adapter lora
 qrun nf4-dora "$SMALL" "$STEPS" --quant nf4 --adapter dora
 qrun nf4-lora-paged8 "$SMALL" "$STEPS" --quant nf4 --adapter lora --optimizer paged_adamw_8bit
+# the methods that act during training or look at data first, and IR-QLoRA (session 7)
+qrun nf4-lora-eva "$SMALL" "$STEPS" --quant nf4 --adapter lora+eva
+qrun nf4-adalora "$SMALL" "$STEPS" --quant nf4 --adapter adalora
+qrun nf4icq-lora-iec "$SMALL" "$STEPS" --quant nf4:icq=true --adapter lora+iec
+# shipping: the merged model re-quantized to NF4 from W + ΔW, plain and with GPTQ over 8 batches
+stage export-nf4 100 $PY -m qpeft export "$WORK/runs/nf4-lora" --merge --quant nf4 --out "$WORK/exp-nf4" --overwrite
+stage export-nf4-gptq 150 $PY -m qpeft export "$WORK/runs/nf4-lora" --merge --quant nf4 --calibrate 8 \
+    --out "$WORK/exp-nf4-gptq" --overwrite
+(cd "$WORK" && for f in exp-*/export_report.json; do echo "== $f"; cat "$f"; done) || true
 
 # 4. qpeft vs PEFT, one step at a time (benchmarks/train_step.py, a fresh process per tool and row)
 stage train-step 150 $PY "$REPO/benchmarks/train_step.py" --device "$DEVICE" --model "$SMALL" \

@@ -1,9 +1,12 @@
 """Shared fixtures: an isolated registry, the tiny model, the embedded model."""
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The baseline cache (qpeft.core.run.baselines) of this test session starts empty and is its own.
+os.environ["QPEFT_BASELINES"] = tempfile.mkdtemp(prefix="qpeft-baselines-")
 
 
 @pytest.fixture(scope="session")

@@ -22,11 +22,21 @@ if __name__ == "__main__":
     tokenizer = tiny_tokenizer()
     rank = int(os.environ.get("RANK", "0"))
     model, composition = adapted_tiny(tokenizer, adapter_seed=rank, spec=spec, composition=True)
+    if composition.calibrating:   # each rank is given other data: only rank 0's calibration may count
+        from qpeft.core.run import calibration
+        from qpeft.core.train import distributed
+
+        out.mkdir(parents=True, exist_ok=True)
+        calibration.calibrate(composition, model, source(tokenizer, 24, seed=1 + rank), 2, "cpu",
+                              distributed.current(), out, print)
+    initial = {f"initial.{name}": layer.lora_A.detach().clone()     # the init each rank starts from
+               for name, layer in adapter_layers(model).items()} if composition.calibrating else {}
     trainer = Trainer(model, source(tokenizer, 24), cfg(steps=int(os.environ.get("STEPS", "4")), batch_size=4),
                       out, hooks=composition.parts)
     trainer.train()
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in trainer.trainable_state().items()}
+    state.update(initial)
     state.update({f"kept.{name}": layer.kept.to(torch.uint8)    # AdaLoRA's masks, derived from gradients
                   for name, layer in adapter_layers(model).items() if hasattr(layer, "kept")})
     save_file(state, str(out / f"adapter-rank{rank}.safetensors"))

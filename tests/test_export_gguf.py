@@ -206,3 +206,93 @@ def test_embedded_model_f16_export_matches_the_merged_model(tmp_path):
 
     again = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     assert again(SAMPLE)["input_ids"] == tokenizer(SAMPLE)["input_ids"]
+
+
+# -- the adapter alone, for llama.cpp's --lora ------------------------------------------------
+def gguf_tensors(path) -> dict:
+    """Every tensor of a GGUF file as float32 in numpy's order (gguf's reader)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    return {t.name: dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in reversed(t.shape)))
+            for t in gguf.GGUFReader(path).tensors}
+
+
+def test_lora_adapter_over_the_unmerged_base_is_the_merged_model(run_dir, tmp_path):
+    """llama.cpp's formula W + alpha/r·B·A over the base that --no-merge writes gives the merged
+    model's tensors (GGUF layout, q/k permuted): to float32 rounding over an f32 base, within
+    q8_0's own error over a q8_0 one."""
+    import gguf
+
+    from qpeft.core.interop import gguf_lora
+
+    adapter = tmp_path / "adapter.gguf"
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--format", "gguf-lora", "--out", str(adapter)])
+    assert result.exit_code == 0, result.output
+    assert "14 layers, rank 4, alpha 32" in result.output
+    for type_name in ("f32", "q8_0"):
+        result = export(run_dir, tmp_path / f"base-{type_name}.gguf", "--no-merge", "--gguf-type", type_name)
+        assert result.exit_code == 0, result.output
+    merged, _ = merged_model(run_dir)
+    expected = {name: array for name, array, _ in gguf_export._arrays(merged, gguf_export.tensor_plan(merged, "f32"))}
+
+    alpha, pairs = gguf_lora.read(adapter)
+    assert alpha == 32.0 and len(pairs) == 14                  # lora:r=4, α=32 on every linear layer
+    a, b = pairs["blk.0.attn_q.weight"]
+    assert a.shape == (4, 64) and b.shape == (64, 4)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(adapter).fields.items()}
+    assert (fields["general.type"], fields["adapter.type"], fields["general.architecture"]) == ("adapter", "lora", "llama")
+    names = {t.name for t in gguf.GGUFReader(adapter).tensors}
+    assert {"blk.1.ffn_down.weight.lora_a", "blk.1.ffn_down.weight.lora_b", "blk.0.attn_k.weight.lora_b"} <= names
+
+    for type_name, bound in (("f32", 1e-6), ("q8_0", 0.03)):
+        base = gguf_tensors(tmp_path / f"base-{type_name}.gguf")
+        worst = max(rel(torch.from_numpy(gguf_lora.apply(base[name], a, b, alpha)), torch.from_numpy(expected[name]))
+                    for name, (a, b) in pairs.items())
+        assert worst < bound, (type_name, worst)                # measured: f32 0 (exact), q8_0 4.4e-3
+        alone = rel(torch.tensor(base["blk.0.attn_q.weight"]), torch.tensor(expected["blk.0.attn_q.weight"]))
+        assert alone > 10 * bound or type_name == "q8_0"       # the base alone is not the merged model
+
+
+def test_gguf_lora_refuses_a_method_that_is_not_low_rank_before_loading(run_dir, tmp_path, monkeypatch):
+    import qpeft.core.run.rebuild
+
+    monkeypatch.setattr(qpeft.core.run.rebuild, "rebuild", lambda *a, **k: pytest.fail("the model loaded"))
+    dora = tmp_path / "dora-run"
+    dora.mkdir()
+    resolved = json.loads((run_dir / "config.json").read_text())
+    resolved["adapter"]["spec"], resolved["adapter"]["parts"][0]["name"] = "dora:r=4", "dora"
+    (dora / "config.json").write_text(json.dumps(resolved))
+    cases = [(dora, ["--format", "gguf-lora"], "'dora' is not one: ship it merged with --format gguf"),
+             (run_dir, ["--format", "gguf-lora", "--gguf-type", "q4_0"], "--gguf-type q4_0 is not one"),
+             (run_dir, ["--format", "gguf-lora", "--no-merge"], "does not apply to --format gguf-lora"),
+             (run_dir, ["--format", "gguf", "--no-merge", "--gguf-type", "q4_0", "--calibrate", "2"],
+              "an adapter and an unmerged base have none to round"),
+             (run_dir, ["--format", "gguf", "--gguf-type", "f16", "--calibrate", "2"], "--gguf-type f16 is not one")]
+    for where, flags, expected in cases:
+        result = CliRunner().invoke(cli, ["export", str(where), *flags, "--out", str(tmp_path / "a.gguf")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_calibrated_q4_0_file_holds_gptqs_rounding(run_dir, tmp_path):
+    """--calibrate N: each Q4_0 layer rounded by GPTQ over N training batches; the file holds
+    exactly that rounding (gguf.quants derives the same d again), not the plain round trip."""
+    from qpeft.core.compare import calibrate
+    from qpeft.core.run.record import RunRecord
+
+    out = tmp_path / "gptq-q4_0.gguf"
+    result = export(run_dir, out, "--gguf-type", "q4_0", "--calibrate", "2")
+    assert result.exit_code == 0, result.output
+    assert "GPTQ over 2 training batches" in result.output
+    stored = gguf_tensors(out)
+    tuned, _, stats = calibrate.gguf_merged(run_dir, RunRecord.read(run_dir), "q4_0", None, 2)
+    assert stats["layers"] == 14 and stats["output_error_gptq"] < 0.5 * stats["output_error_plain"]
+    merged, _ = merged_model(run_dir)
+    plan = gguf_export.tensor_plan(merged, "q4_0")
+    gptq = {name: array for name, array, kind in gguf_export._arrays(tuned, plan) if kind.name == "Q4_0"}
+    plain = {name: array for name, array, _ in gguf_export._arrays(round_trip(merged, "q4_0"), plan)}
+    assert len(gptq) == 14
+    for name, array in gptq.items():
+        assert np.array_equal(stored[name], array), name
+        assert not np.array_equal(stored[name], plain[name]), name

@@ -29,9 +29,9 @@ def adapted_tiny(tokenizer, adapter_seed=0, spec="lora:r=4:alpha=8:dropout=0", c
     return (model, attached) if composition else model
 
 
-def source(tokenizer, n=48):
+def source(tokenizer, n=48, seed=1):
     items, _ = templates.encode_all(bundled("train")[:n], tokenizer, max_length=128)
-    return EncodedBatches(items, tokenizer.pad_token_id, seed=1)
+    return EncodedBatches(items, tokenizer.pad_token_id, seed=seed)
 
 
 def cfg(**kw):

@@ -1,9 +1,14 @@
 """Merged and re-quantized export, and what it costs in quality (``qpeft export --merge --quant``).
 
     rebuild(RUN)   adapter on the quantized base          ── quality "trained"  (what was trained)
-      merge ─▶     full-precision model (--dtype)         ── quality "merged"
+                   + each layer's full-precision pre-image P (base_weights.py)
+      merge ─▶     P + ΔW, full precision (--dtype)       ── quality "merged"
                ╰─▶ saved: safetensors + tokenizer + qpeft_quant.json
       Quantizer(SPEC).quantize_model                      ── quality "shipped"  (what is shipped)
+      --calibrate N: GPTQ onto SPEC's grid (calibrate.py) ── quality "calibrated" (then the one saved)
+
+Re-quantizing P + ΔW rather than the merged Ŵ + ΔW keeps the fine-tune: Ŵ is already on the
+grid and a short fine-tune's ΔW rounds back onto it (base_weights.py, docs/deploy.md).
 
 All three on the run's own validation split, with the run's template and eval limit, by one
 metric of one of the run's evaluators with the options the run gave it (``--quality
@@ -31,7 +36,8 @@ QUANT_FILE = "qpeft_quant.json"
 REPORT_FILE = "export_report.json"
 STAGES = {"trained": "adapter on the quantized base (trained)",
           "merged": "merged, full precision",
-          "shipped": "merged and re-quantized (shipped)"}
+          "shipped": "merged and re-quantized (shipped)",
+          "calibrated": "merged and re-quantized with GPTQ calibration"}
 
 
 def check_spec(spec: str):
@@ -81,25 +87,39 @@ def quality_value(cfg, plan, quality, model, tokenizer, stage: str = "after") ->
 
 
 def measure(run_dir, quantizer, spec: str, dtype: str = "float32", rank: int | None = None,
-            save=None, say=print, quality: str | None = None, checked=None) -> dict:
+            save=None, say=print, quality: str | None = None, checked=None, calibrate: int | None = None,
+            road: str = "W+ΔW") -> dict:
     """Rebuild the run, merge, re-quantize with ``quantizer``; the report (see the module doc).
     ``checked``: what :func:`validation` returned for this run and ``quality``, if the caller
-    already checked it.
+    already checked it. ``road``: "W+ΔW" re-quantizes the base's full-precision weights plus
+    the adapter's update, "Ŵ+ΔW" the merged model as trained (:mod:`base_weights`).
+    ``calibrate``: also round with GPTQ over that many of the run's training batches
+    (:mod:`calibrate`); that model is then the one saved.
 
-    ``save(merged_model, tokenizer)`` is called with the merged full-precision model, before it
-    is re-quantized in place.
+    ``save(model, tokenizer)`` is called with the full-precision model whose re-quantization
+    is shipped (the merged one; with ``calibrate``, its GPTQ rounding, already on the grid).
     """
+    import copy
+
     import torch
 
-    from qpeft.core.run import rebuild
+    from qpeft.core.compare import base_weights, calibrate as calibrating
     from qpeft.core.kinds.quantizer import model_bytes
+    from qpeft.core.run import rebuild
     from qpeft.core.run.record import PluginRecord
 
     run_dir = Path(run_dir)
     cfg, plan, chosen, record = checked or validation(run_dir, quality)   # settings, evaluator, data: before the load
+    grids = calibrating.grids_for(quantizer) if calibrate else None
+    if calibrate and grids is None:
+        raise QpeftError(f"--calibrate rounds onto a fixed 4-bit grid; '{spec}' has none "
+                         "(nf4 and fp4 have; or --format gguf --gguf-type q4_0): drop --calibrate")
     label = f"{chosen.evaluator}:{chosen.metric}"
     say(f"qpeft: rebuilding {run_dir.name} to measure the merge and re-quantization ({spec}) by {label}")
-    built = rebuild.rebuild(run_dir, rank=rank, record=record, plan=plan)   # the record read once
+    if road == "W+ΔW":
+        built, pre = base_weights.rebuild(run_dir, record, plan, rank)
+    else:
+        built, pre = rebuild.rebuild(run_dir, rank=rank, record=record, plan=plan), {}   # the record read once
 
     def measured(model, stage):
         value = quality_value(cfg, plan, chosen, model, built.tokenizer, stage)
@@ -107,25 +127,58 @@ def measure(run_dir, quantizer, spec: str, dtype: str = "float32", rank: int | N
         return value
 
     values, sizes = {"trained": measured(built.model, "trained")}, {"trained": model_bytes(built.model)}
-    merged = built.composition.method.merge(built.model, getattr(torch, dtype))
-    if save is not None:
+    corrections = base_weights.corrections(built.model, pre)
+    merged = built.composition.method.merge(built.model, torch.float32)
+    base_weights.apply(merged, corrections)
+    del corrections
+    _cast(merged, getattr(torch, dtype))
+    if save is not None and not calibrate:
         save(merged, built.tokenizer)
     values["merged"], sizes["merged"] = measured(merged, "merged"), model_bytes(merged)
     merged.float()                       # what `qpeft run --model DIR` loads (float32), then quantizes
+    tuned = copy.deepcopy(merged) if calibrate else None
     quantizer.quantize_model(merged, device="cpu", progress=True)     # a bar per layer (HQQ: minutes)
     values["shipped"], sizes["shipped"] = measured(merged, "shipped"), model_bytes(merged)
+    del merged
+    calibration = None
+    if calibrate:
+        if built.tokenizer.pad_token is None:
+            built.tokenizer.pad_token = built.tokenizer.eos_token
+        data = calibrating.batches(cfg, plan, built.tokenizer, calibrate)
+        names = {name for name, *_ in quantizer.targets(tuned)}
+        say(f"  GPTQ over {calibrate} training batches ({sum(int(b['attention_mask'].sum()) for b in data)} "
+            f"tokens), {len(names)} layers")
+        errors = calibrating.calibrate(tuned, dict.fromkeys(names, grids), data)
+        calibration = {"method": "GPTQ (Frantar et al. 2023, Algorithm 1), block by block", "batches": calibrate,
+                       "tokens": sum(int(b["attention_mask"].sum()) for b in data), "damp": calibrating.gptq.DAMP,
+                       **calibrating.summary(errors)}
+        if save is not None:
+            save(tuned, built.tokenizer)
+        quantizer.quantize_model(tuned, device="cpu", progress=True)
+        values["calibrated"] = measured(tuned, "calibrated")
+    gaps = {"merged_vs_trained": _gap(values["merged"], values["trained"]),
+            "shipped_vs_trained": _gap(values["shipped"], values["trained"]),
+            "shipped_vs_merged": _gap(values["shipped"], values["merged"])}
+    if calibrate:
+        gaps["calibrated_vs_trained"] = _gap(values["calibrated"], values["trained"])
     return {"run": record.run, "base_model": record.model or "embedded",
             "trained_with": {"quantizer": record.quantizer.name, "quantizer_options": record.quantizer.options,
                              "adapter": record.adapter_spec},
             "quant": spec, "quantizer": PluginRecord.of(quantizer).to_dict(), "merged_dtype": dtype,
             "rank": rank, "validation_examples": len(plan.validation),
+            "requantized_from": {"road": road, "what": base_weights.ROADS[road]},
+            "calibration": calibration, "saved": "calibrated" if calibrate else "shipped",
             "quality": {"evaluator": chosen.evaluator, "metric": chosen.metric, "higher_is_better": chosen.higher,
                         "options": PluginRecord.of(plan.evaluators[0]).options},
-            "values": values,
-            "relative_gap": {"merged_vs_trained": _gap(values["merged"], values["trained"]),
-                             "shipped_vs_trained": _gap(values["shipped"], values["trained"]),
-                             "shipped_vs_merged": _gap(values["shipped"], values["merged"])},
+            "values": values, "relative_gap": gaps,
             "model_mb": {k: round(v / 2**20, 3) for k, v in sizes.items()}}
+
+
+def _cast(model, dtype) -> None:
+    """The merged model in ``dtype`` (weights and the config transformers saves)."""
+    model.to(dtype)
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = dtype
 
 
 def _gap(value: float, reference: float) -> float:
@@ -133,7 +186,8 @@ def _gap(value: float, reference: float) -> float:
 
 
 def export(run_dir, out, quantizer, spec: str, dtype: str = "float32", rank: int | None = None,
-           max_shard_size: str = "500MB", say=print, quality: str | None = None, checked=None) -> dict:
+           max_shard_size: str = "500MB", say=print, quality: str | None = None, checked=None,
+           calibrate: int | None = None, road: str = "W+ΔW") -> dict:
     """Write the merged model + ``qpeft_quant.json`` + ``export_report.json`` to ``out`` (built
     beside it, swapped in only when complete); returns the report."""
     from qpeft.core.base.rundir import Staged
@@ -145,9 +199,10 @@ def export(run_dir, out, quantizer, spec: str, dtype: str = "float32", rank: int
             merged.save_pretrained(staged.path, max_shard_size=max_shard_size)
             tokenizer.save_pretrained(staged.path)
 
-        report = measure(run_dir, quantizer, spec, dtype, rank, save, say, quality, checked)
+        report = measure(run_dir, quantizer, spec, dtype, rank, save, say, quality, checked, calibrate, road)
         record = {"quant": spec, "quantizer": report["quantizer"], "qpeft_version": __version__,
-                  "source_run": str(Path(run_dir).resolve()), "merged_dtype": dtype,
+                  "source_run": str(Path(run_dir).resolve()), "merged_dtype": dtype, "saved": report["saved"],
+                  "requantized_from": report["requantized_from"]["road"],
                   "load_with": f"qpeft run --model {out} --quant '{spec}'"}
         (staged.path / QUANT_FILE).write_text(json.dumps(record, indent=2))
         (staged.path / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -155,46 +210,66 @@ def export(run_dir, out, quantizer, spec: str, dtype: str = "float32", rank: int
     return report
 
 
+COMPARE_CALIBRATION = 8     # training batches of qpeft compare --export-quant's calibrated column
+
+
 def cached(run_dir, spec: str, quality: str | None = None, say=print) -> dict:
     """The report of ``run_dir`` re-quantized with ``spec`` and measured by ``quality``, measured
     once and kept beside the run's other evaluations as ``export-<spec>.json`` (``qpeft compare
-    --export-quant``); a kept report measured by another metric is measured again."""
+    --export-quant``); a kept report measured by another metric, or before the calibrated
+    column existed, is measured again. Where ``spec``'s format has a grid, the report also
+    holds GPTQ's calibrated re-quantization over :data:`COMPARE_CALIBRATION` training batches."""
+    from qpeft.core.compare.calibrate import grids_for
+
     path = Path(run_dir) / f"export-{re.sub(r'[^A-Za-z0-9_.+-]', '_', spec)}.json"
     if path.is_file():
         kept = json.loads(path.read_text())
         by = kept.get("quality") or {}
-        if "values" in kept and quality in (None, by.get("evaluator"), f"{by.get('evaluator')}:{by.get('metric')}"):
+        if ("values" in kept and "calibration" in kept
+                and quality in (None, by.get("evaluator"), f"{by.get('evaluator')}:{by.get('metric')}")):
             return kept
-    report = measure(run_dir, check_spec(spec), spec, say=say, quality=quality)
+    quantizer = check_spec(spec)
+    calibrate = COMPARE_CALIBRATION if grids_for(quantizer) is not None else None
+    report = measure(run_dir, quantizer, spec, say=say, quality=quality, calibrate=calibrate)
     path.write_text(json.dumps(report, indent=2))
     return report
 
 
 def compare_columns(run_dir, spec: str, quality: str | None = None, say=print) -> dict:
     """``qpeft compare --export-quant`` columns of one finished cell (on failure: None values
-    and the error under "export_error"; the grid goes on)."""
+    and the error under "export_error"; the grid goes on). The calibrated columns are None
+    where ``spec``'s format has no grid (HQQ, int8)."""
     try:
         report = cached(run_dir, spec, quality, say=say)
     except (QpeftError, RuntimeError, ValueError, OSError) as exc:
         say(f"  {Path(run_dir).name}: export measurement failed: {exc}")
         return {"export_trained": None, "export_merged": None, "export_shipped": None,
-                "export_gap_pct": None, "export_error": str(exc).splitlines()[0]}
-    values = report["values"]
+                "export_gap_pct": None, "export_calibrated": None, "export_calibrated_gap_pct": None,
+                "export_error": str(exc).splitlines()[0]}
+    values, gaps = report["values"], report["relative_gap"]
+    calibrated = gaps.get("calibrated_vs_trained")
     return {"export_trained": values["trained"], "export_merged": values["merged"],
             "export_shipped": values["shipped"],
-            "export_gap_pct": round(100 * report["relative_gap"]["shipped_vs_trained"], 3)}
+            "export_gap_pct": round(100 * gaps["shipped_vs_trained"], 3),
+            "export_calibrated": values.get("calibrated"),
+            "export_calibrated_gap_pct": None if calibrated is None else round(100 * calibrated, 3)}
 
 
 def table(report: dict) -> str:
-    """The three measurements and their gaps, for people."""
+    """The measurements and their gaps, for people."""
     values, trained_q, q = report["values"], report["trained_with"]["quantizer"], report["quality"]
+    calibration = report.get("calibration")
+    road = (report.get("requantized_from") or {}).get("road", "Ŵ+ΔW")
     labels = {"trained": f"adapter on the {trained_q} base (trained)",
-              "merged": f"merged, {report['merged_dtype']} (full precision)",
-              "shipped": f"merged, re-quantized {report['quant']} (shipped)"}
+              "merged": f"merged ({road}), {report['merged_dtype']} (full precision)",
+              "shipped": f"merged, re-quantized {report['quant']}"
+                         + (", plain rounding" if calibration else " (shipped)"),
+              "calibrated": f"merged, re-quantized {report['quant']}, GPTQ over "
+                            f"{(calibration or {}).get('batches')} batches (shipped)"}
     heading = q["metric"] if q["metric"] == q["evaluator"] else f"{q['evaluator']} {q['metric']}"
     rows = [("model", heading, "vs trained")]
     rows += [(labels[k], f"{values[k]:.4f}", "–" if k == "trained" else f"{_gap(values[k], values['trained']):+.2%}")
-             for k in ("trained", "merged", "shipped")]
+             for k in ("trained", "merged", "shipped", "calibrated") if k in values]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"shipped vs merged: {report['relative_gap']['shipped_vs_merged']:+.2%} "
@@ -202,4 +277,7 @@ def table(report: dict) -> str:
                  f"{report['validation_examples']} validation examples · "
                  f"size {report['model_mb']['merged']:.1f} MB merged → {report['model_mb']['shipped']:.1f} MB "
                  "quantized in memory")
+    if calibration:
+        lines.append(f"GPTQ: relative output error of the {calibration['layers']} layers on the calibration inputs "
+                     f"{calibration['output_error_plain']:.2e} (nearest level) → {calibration['output_error_gptq']:.2e}")
     return "\n".join(lines)

@@ -47,6 +47,7 @@ COSTS = {  # row key → heading, from the run's facts
 EXPORT_COLUMNS = {  # only with --export-quant; measured by the edge quality's metric
     "export_trained": "export: trained (adapter on quantized base)", "export_merged": "export: merged",
     "export_shipped": "export: shipped (merged + re-quantized)", "export_gap_pct": "shipped vs trained %",
+    "export_calibrated": "export: calibrated (GPTQ re-quantization)", "export_calibrated_gap_pct": "calibrated vs trained %",
 }
 
 

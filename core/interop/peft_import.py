@@ -74,6 +74,9 @@ class Imported:
         from qpeft.core.kinds import peft_format
 
         if self.written_by_qpeft:
+            states = peft_format.read_calibration(self.directory)   # EVA's ranks, CorDA's init…
+            if states:
+                self.composition.method.restore_calibration(model, states)
             peft_format.load_tensors(model, self.directory)
             return
         from qpeft.core.kinds.adapter_layers import TensorShapeError, adapter_layers

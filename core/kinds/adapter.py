@@ -23,6 +23,7 @@ from qpeft.core.plugin.base import Plugin
 
 ROLES = ("method", "modifier")
 METHOD_API = ("attach", "save", "load", "merge")
+CALIBRATION_API = ("calibration_batches", "calibrate", "apply_calibration")
 
 
 class Adapter(Plugin):
@@ -100,6 +101,28 @@ class Adapter(Plugin):
         values go to report.json only. Called after training. Default: nothing."""
         return {}
 
+    # -- optional calibration hook: look at training data before training ---------------
+    def calibration_batches(self) -> int:
+        """How many of the run's training batches :meth:`calibrate` wants (EVA's
+        ``calibration_batches`` option); 0, the default: it is never called."""
+        return 0
+
+    def calibrate(self, model, batches) -> dict:
+        """Once, in a new run, after attach and before the optimizer is built: look at
+        ``batches`` (a :class:`~qpeft.core.dataset.calibration.CalibrationBatches`: the run's
+        first training batches, seeded, with labels whose prompt tokens are -100) and return
+        the result as ``{key: tensor}`` — EVA: each layer's initial A. May run forward (and
+        backward) passes with its own hooks on layers; must leave the model as it found it
+        (mode, hooks, gradients). Under data parallel only rank 0 calls it."""
+        raise NotImplementedError(f"adapter '{self.name}' asks for calibration batches but defines no calibrate()")
+
+    def apply_calibration(self, model, state: dict) -> None:
+        """Set the adapter from what :meth:`calibrate` returned (tensors on the CPU) — on
+        every process of a new run, and again wherever the init must be rebuilt without data:
+        ``--resume``, loading a saved adapter (``qpeft eval``, ``--init-adapter``). A layer
+        may change its rank here (``LoRALinear.set_rank``); the optimizer is built after."""
+        raise NotImplementedError(f"adapter '{self.name}' defines calibrate() but no apply_calibration()")
+
     def select_rank(self, model, rank: int) -> None:
         """Evaluate and export at ``rank`` (``qpeft eval --rank``); a dynamic-rank method
         overrides it. Default: refuse, since the method has one rank."""
@@ -126,6 +149,11 @@ class Adapter(Plugin):
         elif isinstance(cls.slots, Mapping):
             found += [f"declares slots['{slot}'] = {proto!r}, not the Protocol a modifier of it follows"
                       for slot, proto in cls.slots.items() if not isinstance(proto, type)]
+        calibrating = [cls.implements(n) for n in CALIBRATION_API]
+        if any(calibrating) and not all(calibrating):
+            found += [f"defines {', '.join(n for n, c in zip(CALIBRATION_API, calibrating) if c)} but not "
+                      f"{', '.join(n for n, c in zip(CALIBRATION_API, calibrating) if not c)}() (a calibrating "
+                      "adapter defines all three)"]
         if cls.role == "method":
             found += [f"does not define {name}()" for name in METHOD_API if not cls.implements(name)]
             if cls.modifies:
@@ -202,6 +230,11 @@ class Composition:
         dtype (see :attr:`Adapter.needs_float32_activations`): the layers left unquantized
         are then held in float32, and the model's stream with them."""
         return any(part.needs_float32_activations for part in self.parts)
+
+    @property
+    def calibrating(self) -> list[Adapter]:
+        """The parts that look at training data before training (:meth:`Adapter.calibrate`)."""
+        return [part for part in self.parts if getattr(part, "calibration_batches", lambda: 0)() > 0]
 
     def attach(self, model) -> None:
         self.method.attach(model, self.modifiers)

@@ -34,7 +34,7 @@ class AdapterLayer(nn.Module):
 
     def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors (as returned by :meth:`adapter_tensors`) into the layer."""
-        own = self.adapter_tensors()
+        own = {k: t for k, t in self.adapter_tensors().items() if t.numel()}  # rank 0 saves nothing
         missing = sorted(set(own) - set(tensors))
         if missing:
             raise QpeftError(f"saved adapter lacks {', '.join(missing)} for a {type(self).__name__}")

@@ -41,6 +41,10 @@ class Evaluator(Plugin):
                                                   # only key of higher_is_better, if just one)
     stages: ClassVar[tuple] = ("before", "after")  # the stages comparisons show ("after" for
                                                    # measures of the trained adapter alone)
+    # True: the result depends only on the weights, the evaluation data and the options (not on
+    # time, memory or the process), so the "before" numbers of a quantized base are computed once
+    # and reused by every run of the same model, quantizer, evaluator and data (issue 20).
+    reproducible: ClassVar[bool] = False
 
     def evaluate(self, ctx: EvalContext) -> dict:
         """Measure ``ctx.model``; return ``{metric_name: number or text}``."""

@@ -11,7 +11,8 @@ A is Kaiming-uniform (a=√5, as PEFT), B is zero, so the adapted model starts e
 base model; s = α/r. The pieces a variant may replace:
 
 - **slots** filled by modifier plugins (see :class:`ScalingModifier`, :class:`InitModifier`):
-  ``"scaling"`` (rsLoRA: α/√r) and ``"init"`` (LoftQ, OLoRA: A, B and possibly the base weight);
+  ``"scaling"`` (rsLoRA: α/√r), ``"init"`` (LoftQ, OLoRA: A, B and possibly the base weight)
+  and ``"connection"`` (IR-QLoRA's IEC: a linear map folded into the A, B in use);
 - **methods of** :class:`LoRALinear` overridden by subclassing methods (DoRA, QDyLoRA):
   ``forward``, ``low_rank`` (the A, B, s in use), ``lora_delta``, ``merged_weight``,
   ``finish_init``, ``base_changed``, ``adapter_tensors``.
@@ -28,8 +29,9 @@ from torch import nn
 
 from qpeft.core.kinds import peft_format
 from qpeft.core.kinds.adapter import Adapter
-from qpeft.core.kinds.adapter_layers import ALL_LINEAR, AdapterLayer, layer_device
+from qpeft.core.kinds.adapter_layers import ALL_LINEAR, AdapterLayer, adapter_layers, layer_device
 from qpeft.core.kinds.adapter_method import AdapterMethod
+from qpeft.core.base.errors import QpeftError
 from qpeft.core.base.options import option
 from qpeft.core.plugin.base import near_misses
 from qpeft.core.kinds.quantizer import DTYPES, QuantizedLinear
@@ -57,6 +59,21 @@ class InitModifier(Protocol):
         """Set the initial A, B (and possibly the base weight) of ``layer``."""
 
 
+class ConnectionModifier(Protocol):
+    """What a modifier with ``modifies = "connection"`` provides (IEC, IR-QLoRA §3.2).
+
+    A linear map around the low-rank pair that folds into an equivalent pair of the same rank.
+    ``connect`` runs once per layer at attach, before the init modifier, and returns a module
+    the layer keeps as ``layer.connection`` (its parameters train beside A and B). That module
+    has ``fold(A, B, s) -> (A', B', s')``, the pair the layer then computes with — forward,
+    merge and save (a saved adapter is a plain LoRA of the folded pair, so PEFT loads it) — and
+    ``reset()``, after which ``fold`` is the identity: loading a saved pair calls it.
+    """
+
+    def connect(self, layer: "LoRALinear") -> nn.Module:
+        """The connection module of ``layer``."""
+
+
 
 class LoRALinear(AdapterLayer):
     """``h = base(x) + s·B·A·dropout(x)`` (Hu et al. 2021, §4.1, Eq. 3).
@@ -65,15 +82,20 @@ class LoRALinear(AdapterLayer):
     to it for the low-rank path and the result cast back to the base's compute dtype.
     """
 
+    resizable: ClassVar[bool] = True   # False: the method owns the rank (QDyLoRA), set_rank refuses
+
     def __init__(self, base: QuantizedLinear, r: int, scaling: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         device = layer_device(base)
         self.base, self.r, self.scaling = base, r, scaling
+        self.alpha = scaling * r                       # LowRankMethod.wrap sets the option's α
+        self.scale_for = lambda rank, alpha: alpha / rank   # … and the method's rule (α, r) → s
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.base_rewritten = False
+        self.connection: nn.Module | None = None   # a "connection" modifier's module (ConnectionModifier)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,13 +113,29 @@ class LoRALinear(AdapterLayer):
     def base_changed(self) -> None:
         """Called after the frozen weight changed; DoRA recomputes its cached row norms."""
 
+    def set_rank(self, r: int, alpha: float) -> None:
+        """Give this layer rank ``r`` (0: no update) and α ``alpha``: new zero A (r×in) and
+        B (out×r), scaling from the method's rule for (r, α). A data-driven init that
+        redistributes ranks across layers (EVA) calls it before the optimizer is built, then
+        sets A; save writes the ranks as PEFT's ``rank_pattern``/``alpha_pattern``."""
+        if not self.resizable:
+            raise QpeftError(f"a {type(self).__name__} sets its own rank; a rank pattern cannot be "
+                             "applied to it (e.g. use eva:rho=1)")
+        a, b = self.lora_A, self.lora_B
+        self.lora_A = nn.Parameter(a.new_zeros(r, a.shape[1]), requires_grad=a.requires_grad)
+        self.lora_B = nn.Parameter(b.new_zeros(b.shape[0], r), requires_grad=b.requires_grad)
+        self.r, self.alpha = r, alpha
+        self.scaling = self.scale_for(r, alpha) if r else 0.0
+
     def finish_init(self) -> None:
         """Called once after the init modifier ran; DoRA sets its magnitude here."""
 
     # -- forward -------------------------------------------------------------------
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(A, B, s)`` in use: the update is ``s·B·A`` (QDyLoRA returns a rank slice)."""
-        return self.lora_A, self.lora_B, self.scaling
+        """``(A, B, s)`` in use: the update is ``s·B·A`` (QDyLoRA returns a rank slice), folded
+        through the connection if one is attached."""
+        pair = self.lora_A, self.lora_B, self.scaling
+        return pair if self.connection is None else self.connection.fold(*pair)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``s·B·A·x`` in the adapter dtype (``x`` already dropped out)."""
@@ -118,7 +156,21 @@ class LoRALinear(AdapterLayer):
         return self.base.dequantize().to(self.lora_A.device) + self.delta_weight()
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        a, b = (self.lora_A, self.lora_B) if self.connection is None else self.low_rank()[:2]
+        return {"lora_A.weight": a, "lora_B.weight": b}
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A saved pair has the connection folded in: it is loaded into A, B and the
+        connection reset, which computes the same."""
+        connection = self.connection
+        if connection is None:
+            return super().load_adapter_tensors(tensors)
+        connection.reset()
+        self.connection = None
+        try:
+            super().load_adapter_tensors(tensors)
+        finally:
+            self.connection = connection
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
@@ -136,6 +188,8 @@ def add_low_rank(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
     output (the QuantizedLinear contract). Where ``out`` is in the adapter dtype the scale
     and the sum ride inside one in-place GEMM (``addmm_``: C ← C + s·P·Bᵀ), so the out-wide
     update is never a tensor of its own and no elementwise pass reads it back."""
+    if not a.shape[0]:           # rank 0: a layer EVA (or AdaLoRA) left without an update
+        return out
     if out.dtype != b.dtype or not out.is_contiguous():
         return out + low_rank_update(x, a, b, s).to(out.dtype)
     z = x.to(a.dtype) @ a.t()    # bf16 under CUDA autocast, which leaves in-place addmm_ alone
@@ -180,7 +234,8 @@ class LowRankMethod(AdapterMethod):
     """A LoRA-family method: a subclass gives ``name`` and ``description`` and may replace
     ``layer_cls``, ``Options``, ``make_layer`` or ``peft_config`` (LoRA, DoRA, QDyLoRA)."""
 
-    slots = {"scaling": ScalingModifier, "init": InitModifier}  # slot -> what fills it
+    slots = {"scaling": ScalingModifier, "init": InitModifier,   # slot -> what fills it
+             "connection": ConnectionModifier}
     Options = LoRAOptions
     layer_cls: ClassVar[type[LoRALinear]] = LoRALinear
     peft_type = "LORA"
@@ -198,11 +253,13 @@ class LowRankMethod(AdapterMethod):
         """The rank of the A and B tensors each layer holds."""
         return self.options.r
 
-    def scaling(self, modifiers: list[Adapter], r: int | None = None) -> float:
-        """s for rank ``r``: the "scaling" modifier's rule, else α/r (§4.1)."""
+    def scaling(self, modifiers: list[Adapter], r: int | None = None, alpha: float | None = None) -> float:
+        """s for rank ``r`` and ``alpha`` (default: the options'): the "scaling" modifier's
+        rule, else α/r (§4.1)."""
         r = self.rank if r is None else r
+        alpha = self.options.alpha if alpha is None else alpha
         rule = _filling(modifiers, "scaling")
-        return rule.scaling(r, self.options.alpha) if rule else self.options.alpha / r
+        return rule.scaling(r, alpha) if rule else alpha / r
 
     def make_layer(self, base: QuantizedLinear, modifiers: list[Adapter]) -> LoRALinear:
         """The adapter layer wrapping ``base`` (subclasses pass extra arguments here)."""
@@ -212,18 +269,31 @@ class LowRankMethod(AdapterMethod):
     def wrap(self, name: str, base: QuantizedLinear, modifiers: list[Adapter]) -> LoRALinear:
         """:meth:`make_layer`, then the init modifier (if any), then the layer's ``finish_init``."""
         layer, init = self.make_layer(base, modifiers), _filling(modifiers, "init")
+        layer.alpha, modifiers = self.options.alpha, list(modifiers)
+        layer.scale_for = lambda r, alpha: self.scaling(modifiers, r, alpha)
+        connection = _filling(modifiers, "connection")
+        if connection is not None:
+            layer.connection = connection.connect(layer)
         if init is not None:
             init.initialize(layer, layer.scaling)
         layer.finish_init()
-        base.source_weight = None   # the full-precision copy kept for the init modifier, if any
+        if init is None or not getattr(init, "calibration_batches", lambda: 0)():   # a calibrating init drops it once applied
+            base.source_weight = None   # the full-precision copy kept for the init modifier, if any
         return layer
 
     def peft_config(self, model: nn.Module) -> dict:
         """LoRA's ``adapter_config.json`` fields; each modifier adds its own through
         ``update_peft_config(config)`` (rsLoRA sets ``use_rslora``)."""
+        layers = adapter_layers(model)
+        kept = {name for name, layer in layers.items() if getattr(layer, "r", 1)}   # rank 0: no update
         config = {"peft_type": self.peft_type, "r": self.rank, "lora_alpha": self.options.alpha,
                   "lora_dropout": self.options.dropout, "use_rslora": False, "use_dora": False,
-                  "init_lora_weights": True, "target_modules": peft_format.target_modules(model)}
+                  "init_lora_weights": True, "target_modules": peft_format.target_modules(model, kept)}
+        ranks = {name: layers[name].r for name in sorted(kept) if getattr(layers[name], "r", self.rank) != self.rank}
+        alphas = {name: layers[name].alpha for name in sorted(kept)
+                  if getattr(layers[name], "alpha", self.options.alpha) != self.options.alpha}
+        if ranks or alphas:   # per-layer ranks (EVA's redistribution), as PEFT writes them
+            config.update(rank_pattern=ranks, alpha_pattern=alphas)
         for modifier in self.modifiers:
             modifier.update_peft_config(config)
         return config

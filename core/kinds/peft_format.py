@@ -27,6 +27,7 @@ from qpeft.core.base.errors import QpeftError
 from qpeft.core.base.version import __version__
 
 CONFIG, WEIGHTS, MANIFEST = "adapter_config.json", "adapter_model.safetensors", "qpeft_adapter.json"
+CALIBRATION = "qpeft_calibration.safetensors"   # what calibrating parts (EVA…) computed from data
 PREFIX = "base_model.model."
 # Fields every PEFT config accepts; the method adds its own (LoRA.peft_config, IA3.peft_config).
 COMMON = {"task_type": "CAUSAL_LM", "fan_in_fan_out": False, "inference_mode": True,
@@ -61,8 +62,9 @@ class AdapterWriteError(QpeftError):
                          f"free some space there, or choose a writable directory")
 
 
-def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
-    """Write the three files of a saved adapter into ``directory``, atomically: they are
+def save(model, directory, config: dict, parts: list, meta: dict, calibration: dict | None = None) -> Path:
+    """Write the three files of a saved adapter (four with ``calibration``, the states of
+    calibrating parts, ``{part: {key: tensor}}``) into ``directory``, atomically: they are
     written and fsynced in ``.NAME.new-PID`` beside it, which then replaces ``directory``
     (an old one is set aside first and removed last). On any write error the old directory
     is left as it was and :class:`AdapterWriteError` is raised."""
@@ -73,7 +75,8 @@ def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
     if not layers:
         raise QpeftError("the model has no adapter attached; nothing to save")
     tensors = {f"{PREFIX}{name}.{key}": t.detach().cpu().contiguous()
-               for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
+               for name, layer in layers.items() for key, t in layer.adapter_tensors().items()
+               if t.numel()}   # a layer left with rank 0 (EVA, AdaLoRA) saves nothing
     files = {CONFIG: {**COMMON, "base_model_name_or_path": meta.get("base_model"), **config},
              MANIFEST: manifest(parts, meta, rewritten=any(
                  getattr(layer, "base_rewritten", False) for layer in layers.values()))}
@@ -81,7 +84,7 @@ def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
     staged = directory.with_name(f".{directory.name}.new-{os.getpid()}")
     aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     try:
-        _write_all(staged, tensors, files)
+        _write_all(staged, tensors, files, flat_calibration(calibration or {}))
         if directory.exists():
             os.replace(directory, aside)
         os.replace(staged, directory)
@@ -98,16 +101,20 @@ def save(model, directory, config: dict, parts: list, meta: dict) -> Path:
     return directory
 
 
-def _write_all(staged: Path, tensors: dict, files: dict) -> None:
+def _write_all(staged: Path, tensors: dict, files: dict, calibration: dict) -> None:
     from safetensors.torch import save_file
 
     shutil.rmtree(staged, ignore_errors=True)
     staged.parent.mkdir(parents=True, exist_ok=True)
     staged.mkdir()
     save_file(tensors, str(staged / WEIGHTS), metadata={"format": "pt"})
+    written = [WEIGHTS, *files]
+    if calibration:
+        save_file(calibration, str(staged / CALIBRATION), metadata={"format": "pt"})
+        written.append(CALIBRATION)
     for name, data in files.items():
         _write(staged / name, data)
-    for name in (WEIGHTS, *files):
+    for name in written:
         with open(staged / name, "rb") as f:
             os.fsync(f.fileno())
     fsync(staged)
@@ -168,8 +175,32 @@ def load_adapter(model, directory, registry=None):
     method = next(_build(r, registry) for r in record["parts"] if r["role"] == "method")
     composition = Composition(method, saved_modifiers(directory, registry), record["spec"])
     composition.attach(model)
+    states = read_calibration(directory)
+    if states:
+        method.restore_calibration(model, states)
     load_tensors(model, directory)
     return composition
+
+
+def flat_calibration(states: dict) -> dict:
+    """``{part: {key: tensor}}`` → ``{"part/key": tensor}`` (contiguous, on the CPU), as saved."""
+    return {f"{part}/{key}": t.detach().cpu().contiguous() for part, state in states.items()
+            for key, t in state.items()}
+
+
+def nested_calibration(flat: dict) -> dict:
+    """The inverse of :func:`flat_calibration`."""
+    states: dict = {}
+    for name, tensor in flat.items():
+        part, _, key = name.partition("/")
+        states.setdefault(part, {})[key] = tensor
+    return states
+
+
+def read_calibration(directory) -> dict:
+    """The calibration states saved with an adapter (``{}`` when it has none)."""
+    path = Path(directory) / CALIBRATION
+    return nested_calibration(read_tensors(path)) if path.is_file() else {}
 
 
 def read_tensors(path: Path) -> dict:

@@ -112,12 +112,14 @@ def composer(cls, reg, options: dict | None = None):
     return lambda: Composition(host.from_values({}), [cls.from_values(options or {})], f"{host.name}+{cls.name}")
 
 
-def adapt(reference, adapter=None, quantizer="none:compute_dtype=float32", registry=None, seed: int = 0):
+def adapt(reference, adapter=None, quantizer="none:compute_dtype=float32", registry=None, seed: int = 0,
+          calibration=None):
     """``(model, composition)``: a quantized copy of ``reference`` with ``adapter`` attached.
 
     ``adapter`` is a spec (``"reslora:r=4+rslora"``, looked up in ``registry``, default the
     process-wide one), a :class:`Composition`, or None (quantized only; composition None);
-    ``quantizer`` a spec or a Quantizer instance. Torch is seeded with ``seed`` before attach."""
+    ``quantizer`` a spec or a Quantizer instance. Torch is seeded with ``seed`` before attach;
+    a calibrating part (EVA) sees ``calibration`` (see :func:`attach`)."""
     from qpeft.core.kinds import adapter as adapters
     from qpeft.core.plugin.build import build_plugin
     from qpeft.core.plugin.registry import default
@@ -126,11 +128,13 @@ def adapt(reference, adapter=None, quantizer="none:compute_dtype=float32", regis
     if isinstance(quantizer, str):
         quantizer = build_plugin("quantizer", quantizer, reg)
     composition = adapters.compose(adapter, reg) if isinstance(adapter, str) else adapter
-    return attach(reference, quantizer, composition, seed), composition
+    return attach(reference, quantizer, composition, seed, calibration), composition
 
 
-def attach(reference, quantizer, composition: Composition | None, seed: int = 0):
-    """A quantized copy of ``reference`` with ``composition`` (if any) attached."""
+def attach(reference, quantizer, composition: Composition | None, seed: int = 0, calibration=None):
+    """A quantized copy of ``reference`` with ``composition`` (if any) attached — and, when a
+    part calibrates (EVA), calibrated on ``calibration`` (a list of ``model(**batch)`` dicts;
+    default: four seeded batches of random tokens), as a run calibrates it."""
     import torch
 
     from qpeft.core.plugin.base import DataFacts
@@ -143,6 +147,8 @@ def attach(reference, quantizer, composition: Composition | None, seed: int = 0)
     if composition is not None:
         TrainHooks(composition.parts).data(DataFacts(TASKS, {t: 1 for t in TASKS}, len(TASKS), 0))
         composition.attach(model)
+        if composition.calibrating:
+            calibrate(model, composition, calibration or random_batches(reference.config.vocab_size))
     return model
 
 
@@ -151,6 +157,38 @@ def route(plugins, model, tasks, step=None) -> None:
     from qpeft.core.train.hooks import TrainHooks
 
     TrainHooks(plugins).batch(model, tasks, step)
+
+
+def calibrate(model, composition: Composition, batches: list) -> None:
+    """What a run's calibration stage does, on ``batches``: each calibrating part's
+    ``calibrate`` in eval mode, its state applied through ``restore_calibration``."""
+    from qpeft.core.dataset.calibration import CalibrationBatches
+
+    states = {}
+    for part in composition.calibrating:
+        training = model.training
+        model.eval()
+        try:
+            states[part.name] = {k: v.detach().cpu() for k, v in
+                                 part.calibrate(model, CalibrationBatches.of(batches[:part.calibration_batches()])).items()}
+        finally:
+            model.train(training)
+            model.zero_grad(set_to_none=True)
+    composition.method.restore_calibration(model, states)
+
+
+def random_batches(vocab_size: int, count: int = 4, rows: int = 4, length: int = 32, seed: int = 0) -> list:
+    """``count`` batches of random token ids (labels: the ids, the first quarter masked), seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab_size, (rows, length), generator=g)
+        labels = ids.clone()
+        labels[:, :length // 4] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
 
 
 def cell(quantizer, compose) -> str:

@@ -6,6 +6,7 @@
     (record)      run_record.RunRecord written to RUN_DIR/config.json (an overwritten run swapped out now)
     evaluate_before   the evaluators on the quantized model ("before", kept for --resume)
     attach        the adapter attached under the run's seed (and --init-adapter's weights loaded)
+    calibrate     a data-driven init (EVA…) sees the run's first training batches (applied again on --resume)
     trainer_for   the Trainer over the encoded data ─▶ train (resumes from RUN_DIR/checkpoints)
     save_adapter  RUN_DIR/adapter in PEFT's format
     evaluate      the evaluators "after" (and each variant an adapter asks for)
@@ -26,7 +27,7 @@ from qpeft.core.train import distributed, memory
 from qpeft.core.model import models, streaming
 from qpeft.core.base import progress, rundir
 from qpeft.core.plugin import registry
-from qpeft.core.run import report, record as run_record
+from qpeft.core.run import baselines, calibration, report, record as run_record
 from qpeft.core.dataset import templates
 from qpeft.core.kinds.adapter import compose
 from qpeft.core.dataset.batch_source import EncodedBatches
@@ -230,10 +231,12 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     world.barrier()
     ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test,
                        [p.quantizer, *p.adapter.parts, *p.evaluators])
-    before = evaluate_before(p, ctx, facts, run_dir, mode == "resume", world, say)
+    before = evaluate_before(cfg, p, ctx, facts, run_dir, mode == "resume", world, say, device)
     attach(cfg, p, model)
-    trainer, stats = trainer_for(cfg, p, model, tokenizer, run_dir, device, say,
-                                 run_record.predates_manifests(record.qpeft_version))
+    batches, stats = training_batches(cfg, p, tokenizer)
+    calibrate(cfg, p, model, batches, device, world, run_dir, mode == "resume", say)
+    trainer = trainer_for(cfg, p, model, tokenizer, batches, run_dir, device, say,
+                          run_record.predates_manifests(record.qpeft_version))
     result = trainer.train(resume=mode == "resume")
     saved = []    # the adapter, once written by this process
     try:
@@ -308,9 +311,12 @@ def choices(cfg: RunConfig, p: Plan, device) -> list[str]:
             f"({q.dtype_reason}) · activations {activations}"]
 
 
-def evaluate_before(p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, world, say) -> dict:
+def evaluate_before(cfg: RunConfig, p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, world, say,
+                    device="cpu") -> dict:
     """Stage 2: the evaluators on the quantized model before training (kept in
-    ``eval_before.json``, so a resumed run does not measure them again)."""
+    ``eval_before.json``, so a resumed run does not measure them again). A reproducible
+    evaluator's result is read from, or written to, the baseline cache (:mod:`baselines`)
+    unless ``--no-cache``; ``facts["before_cached"]`` names those read."""
     before_file = run_dir / "eval_before.json"
     if resuming and before_file.is_file():
         try:
@@ -319,7 +325,24 @@ def evaluate_before(p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, wo
             raise QpeftError(f"{before_file} is damaged ({str(exc).splitlines()[0][:120]}); delete it (it is "
                              f"measured again) and resume: qpeft run --resume {run_dir}") from None
         return before
-    before = evaluate(p.evaluators, ctx(stage="before", facts=dict(facts)), say)
+    cached, entries = {}, {}
+    if not cfg.no_cache and any(ev.reproducible for ev in p.evaluators):
+        shared = baselines.run_key(cfg, p, device)
+        for ev in p.evaluators:
+            if ev.reproducible:
+                entries[ev.name] = baselines.entry(shared, ev)
+                found = baselines.read(*entries[ev.name])
+                if found is not None:
+                    cached[ev.name] = found
+                    say(f"  before {ev.name}: {report.brief(found)} (cached: same model, quantizer and data)")
+    measured = evaluate([ev for ev in p.evaluators if ev.name not in cached], ctx(stage="before", facts=dict(facts)), say)
+    if world.is_main:
+        for name, result in measured.items():
+            if name in entries:
+                baselines.write(*entries[name], result, run_dir)
+    before = {ev.name: cached.get(ev.name, measured.get(ev.name)) for ev in p.evaluators}
+    if cached:
+        facts["before_cached"] = ", ".join(cached)
     if world.is_main:
         before_file.write_text(json.dumps(before, indent=2))
     return before
@@ -334,17 +357,34 @@ def attach(cfg: RunConfig, p: Plan, model) -> None:
         p.init.load(model)
 
 
-def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, run_dir: Path, device, say,
-                unverified_checkpoints: bool = False):
-    """Stage 4: the trainer over the encoded (and, with --packing, packed) training set,
-    with the validation loss as its periodic evaluation; ``(trainer, encode stats)``.
-    ``unverified_checkpoints``: the run was started by a qpeft that wrote no manifests."""
+def training_batches(cfg: RunConfig, p: Plan, tokenizer):
+    """The encoded (and, with --packing, packed) training set; ``(EncodedBatches, encode stats)``."""
     items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
     if cfg.packing and cfg.train.task_sampling == "per-task":    # each task packed alone: rows keep their task
         items = [row for group in by_task(items).values() for row in pack(group, cfg.max_length, cfg.train.seed)]
     elif cfg.packing:
         items = pack(items, cfg.max_length, cfg.train.seed)
-    batches = EncodedBatches(items, tokenizer.pad_token_id, cfg.train.seed)
+    return EncodedBatches(items, tokenizer.pad_token_id, cfg.train.seed), stats
+
+
+def calibrate(cfg: RunConfig, p: Plan, model, batches, device, world, run_dir: Path, resuming: bool, say) -> None:
+    """Stage 3b: a data-driven init (EVA…) looks at the run's first training batches
+    (:mod:`qpeft.core.run.calibration`); a resumed run applies what it computed then, and an
+    ``--init-adapter`` brings its own (applied when it was loaded)."""
+    if p.init is not None:
+        return
+    if resuming:
+        calibration.restore(p.adapter, model, run_dir)
+        return
+    micro = max(cfg.train.batch_size // (cfg.train.grad_accum * world.world), 1)
+    calibration.calibrate(p.adapter, model, batches, micro, device, world, run_dir, say)
+
+
+def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, batches, run_dir: Path, device, say,
+                unverified_checkpoints: bool = False):
+    """Stage 4: the trainer over the training ``batches``, with the validation loss as its
+    periodic evaluation. ``unverified_checkpoints``: the run was started by a qpeft that
+    wrote no manifests."""
     val_items = [i for i in map(encoder(cfg, tokenizer), p.validation) if i is not None]
     plugins = [p.quantizer, *p.adapter.parts, *p.evaluators]
     route = task_router(plugins, model)
@@ -364,7 +404,7 @@ def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, run_dir: Path, device
     trainer = Trainer(model, batches, cfg.train, run_dir, device, evaluate=validation_loss,
                       hooks=plugins, say=say,
                       unverified_checkpoints=unverified_checkpoints)
-    return trainer, stats
+    return trainer
 
 
 def save_adapter(p: Plan, model, run_dir: Path, record: RunRecord, trainer=None) -> float:

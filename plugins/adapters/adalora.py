@@ -46,6 +46,8 @@ class SVDLinear(LoRALinear):
     ``lora_B`` is P, ``lora_E`` the singular values Λ (r×1); ``kept`` marks the triplets the
     budget leaves (a pruned one has λ = 0)."""
 
+    resizable = False   # the method owns the rank
+
     def __init__(self, base, r: int, scaling: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32):
         super().__init__(base, r, scaling, dropout, dtype)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=self.lora_A.device, dtype=dtype))

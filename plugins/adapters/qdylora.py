@@ -26,6 +26,8 @@ from qpeft import LoRALinear, LowRankMethod, LowRankOptions, QpeftError, adapter
 class QDyLoRALinear(LoRALinear):
     """A LoRA layer that runs at the first ``b`` of its ``r_max`` ranks (DyLoRA §3)."""
 
+    resizable = False   # the method owns the rank
+
     def __init__(self, base, r: int, scaling: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, scales: list[float] | None = None):
         super().__init__(base, r, scaling, dropout, dtype)

@@ -20,6 +20,7 @@ class AccuracyOptions:
 
 class Accuracy(Evaluator):
     name = "accuracy"
+    reproducible = True   # a function of the weights, the data and its options: its baseline is computed once
     description = "Exact-match accuracy of greedy answers on the held-out test split"
     Options = AccuracyOptions
     higher_is_better = {"accuracy": True}

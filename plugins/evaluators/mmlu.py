@@ -196,6 +196,7 @@ class MMLUOptions:
 
 class MMLU(Evaluator):
     name = "mmlu"
+    reproducible = True   # a function of the weights, the data and its options: its baseline is computed once
     description = "MMLU-style k-shot multiple choice by log-likelihood of ' A'..' D' (lm-evaluation-harness scoring)"
     Options = MMLUOptions
     higher_is_better = {"accuracy": True}

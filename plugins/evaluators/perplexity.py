@@ -18,6 +18,7 @@ class PerplexityOptions:
 
 class Perplexity(Evaluator):
     name = "perplexity"
+    reproducible = True   # a function of the weights, the data and its options: its baseline is computed once
     description = "Perplexity on the validation split (token-weighted, response tokens)"
     Options = PerplexityOptions
     higher_is_better = {"perplexity": False, "eval_loss": False}

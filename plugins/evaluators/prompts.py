@@ -109,6 +109,7 @@ class PromptsOptions:
 
 class Prompts(Evaluator):
     name = "prompts"
+    reproducible = True   # a function of the weights, the data and its options: its baseline is computed once
     description = "Prompt tests with expected answers (exact, contains, regex): pass/fail per case, pass rate"
     Options = PromptsOptions
     higher_is_better = {"pass_rate": True}
