@@ -1,6 +1,6 @@
 """MTLoRA against LoRA of the same trainable size on the bundled edge tasks: per-task accuracy.
 
-    python benchmarks/mtlora_vs_lora.py [--steps 40] [--quant nf4] [--out runs/bench-mtlora]
+    python benchmarks/mtlora_vs_lora.py [--steps 40] [--quant nf4] [--eval-limit 0] [--out runs/bench-mtlora]
 
 Two ``qpeft run``s on the embedded model, each step seeing 10 training examples:
 
@@ -9,7 +9,7 @@ Two ``qpeft run``s on the embedded model, each step seeing 10 training examples:
 - ``lora:r=16`` with ``--batch-size 10`` (mixed batches): 16 ranks, the same trainable size.
 
 Prints accuracy before and after, overall and per task, on the 160 held-out test examples
-(docs/adapters.md has the numbers). One run each: not a quality claim.
+(or the first --eval-limit of them; docs/adapters.md has the numbers). One run each: not a quality claim.
 """
 import argparse
 import json
@@ -25,12 +25,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--quant", default="nf4")
+    ap.add_argument("--eval-limit", default="0", help="test examples evaluated (0: all 160)")
     ap.add_argument("--out", default="runs/bench-mtlora")
     a = ap.parse_args()
     reports = {}
     for name, flags in RUNS.items():
         cmd = [sys.executable, "-m", "qpeft", "run", "--quant", a.quant, *flags, "--steps", str(a.steps),
-               "--evaluators", "accuracy", "--save-every", "0", "--eval-every", "0", "--log-every", "5",
+               "--evaluators", "accuracy", "--eval-limit", a.eval_limit, "--save-every", "0", "--eval-every", "0", "--log-every", "5",
                "--output-dir", a.out, "--name", name, "--overwrite"]
         subprocess.run(cmd, check=True)
         reports[name] = json.loads((Path(a.out) / name / "report.json").read_text())
