@@ -11,7 +11,7 @@ from qpeft.core.plugin.hookspecs import hookimpl
 from qpeft.core.base.version import __version__
 
 PUBLIC = {  # core module → the names it provides here; plugins (built-in ones too) use nothing else
-    "qpeft.core.plugin.base": ["Plugin", "TrainFacts"],
+    "qpeft.core.plugin.base": ["Plugin", "TrainFacts", "DataFacts"],
     "qpeft.core.kinds.quantizer": ["Quantizer", "QuantizerOptions", "QuantizedLinear", "LayerStats", "DTYPES",
                                    "model_bytes", "quantized_layers", "tensor_bytes"],
     "qpeft.core.kinds.adapter": ["Adapter", "compose"],

@@ -223,7 +223,7 @@ def test_each_setting_is_declared_once_and_the_flags_and_ranges_come_from_it():
     fields = [f for cls in (config.RunConfig, config.TrainConfig) for f in dataclasses.fields(cls)]
     flagged = {"--" + f.name.replace("_", "-") for f in fields if f.metadata.get("flag")}
     assert flagged == {s[0] for s in flags.SETTINGS} | {f[0] for f in flags.FLAGS}
-    assert len(flagged) == 34 and {"validation_split", "progress", "train"}.isdisjoint(flagged)
+    assert len(flagged) == 37 and {"validation_split", "progress", "train"}.isdisjoint(flagged)
     numeric = {f.name for f in fields if f.type in ("int", "float", int, float)} - {"progress"}
     assert set(config.RANGES) == numeric
     assert config.RANGES["eval_every"].problem(-2) == "must be ≥ -1"

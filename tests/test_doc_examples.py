@@ -1,6 +1,6 @@
 """The plugin examples of docs/writing-plugins.md run as written: the fixedscale modifier, the
-nexttoken evaluator, the ortholora method (training hooks), the inputpca modifier (calibration)
-and the rtn quantizer (from
+nexttoken evaluator, the ortholora method (training hooks), the inputpca modifier (calibration),
+the tasklora method (task hooks) and the rtn quantizer (from
 docs/quantizers.md), each with its documented tests, in a fresh pytest process that sees
 only the public surface (the modules are not installed; ``testing.registry_with`` loads them)."""
 import re
@@ -35,13 +35,15 @@ def test_the_documented_plugins_and_their_tests_pass(tmp_path):
         "test_ortholora.py": block("# tests/test_ortholora.py"),
         "qpeft_inputpca.py": block("# qpeft_inputpca.py"),
         "test_inputpca.py": block("# tests/test_inputpca.py"),
+        "qpeft_tasklora.py": block("# qpeft_tasklora.py"),
+        "test_tasklora.py": block("# tests/test_tasklora.py"),
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert re.search(r"\b10 passed\b", run.stdout), run.stdout[-500:]
+    assert re.search(r"\b12 passed\b", run.stdout), run.stdout[-500:]
 
 
 def test_the_python_example_of_adapters_md_runs_on_the_public_surface(tmp_path):

@@ -32,6 +32,8 @@ def _base_options(command):
 @click.option("--evaluators", multiple=True,
               help="evaluator specs separated by ';', or the flag repeated [default: the run's own]")
 @click.option("--rank", type=params.RANK, help="evaluate a dynamic-rank adapter (qdylora) at this rank ≤ its saved rank")
+@click.option("--task", default=None,
+              help="evaluate a multi-task adapter (mtlora) as this one task, on that task's examples only")
 @click.option("--limit", type=params.COUNT, help="at most N examples per split, 0 for all [default: the run's --eval-limit; 0 for an adapter]")
 @click.option("--device", default="auto", show_default=True, callback=params.device, help="cpu, cuda, cuda:1 or auto")
 @click.option("--out", type=click.Path(dir_okay=False),
@@ -42,7 +44,7 @@ def _base_options(command):
               help="score the quantized base alone (the run's model and quantizer, no adapter attached); "
                    "a run's results go to DIR/eval-base-<time>.json beside the report's 'before'")
 @_base_options
-def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_adapter, **base):
+def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_adapter, task=None, **base):
     """Evaluate DIR: a run directory, or an adapter directory from any tool.
 
     A run directory (written by 'qpeft run') is rebuilt — its quantized model and saved
@@ -59,6 +61,7 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_
     Examples:
       qpeft eval runs/nf4-lora --evaluators "NAME;NAME:key=value"   # names: qpeft list evaluator
       qpeft eval runs/nf4-qdylora --rank 4
+      qpeft eval runs/nf4-mtlora --task alert       # one task's adapter, on its examples
       qpeft eval runs/nf4-lora --limit 0
       qpeft eval runs/nf4-lora --no-adapter          # the quantized base, as the run's "before"
       qpeft eval ./peft-lora --model ./base-model --quant nf4
@@ -69,6 +72,9 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_
     evaluators = evaluators or None     # the flag not given: ()
     given = {k: v for k, v in base.items() if v is not None}
     if (Path(directory) / "adapter_config.json").is_file() or (given and not (Path(directory) / "config.json").is_file()):
+        if task is not None:
+            raise QpeftError("--task evaluates a run of a multi-task adapter (mtlora); an adapter directory has "
+                             "one task already: drop --task")
         out_record, path = evaluate_adapter(directory, given, evaluators, rank, limit, device, out, say,
                                             overwrite=overwrite, no_adapter=no_adapter)
         click.echo(table(out_record["results"], {}))
@@ -76,12 +82,14 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_
             click.echo("\n" + answers(out_record["results"]))
         click.echo(f"\nwritten: {path}" if path else "\n(pass --out FILE to keep the results as JSON)")
         return
+    if task is not None and no_adapter:
+        raise QpeftError("--task selects a task of the adapter; --no-adapter has none; drop one of them")
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise click.UsageError(f"{flags}: only for an adapter directory; {directory} is a run directory, "
                                f"evaluated on its own model, quantizer and data")
     out_record, path = evaluate_run(directory, evaluators, rank, limit, device, say=say, out=out,
-                                    overwrite=overwrite, no_adapter=no_adapter)
+                                    overwrite=overwrite, no_adapter=no_adapter, task=task)
     reported = out_record.get("report_before" if no_adapter else "report_after", {})
     click.echo(table(out_record["results"], reported))
     if answers(out_record["results"]):
@@ -90,10 +98,11 @@ def eval_command(directory, evaluators, rank, limit, device, out, overwrite, no_
 
 
 def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto", say=print, out=None,
-                 overwrite=False, no_adapter=False):
+                 overwrite=False, no_adapter=False, task=None):
     """Rebuild, evaluate, write the JSON (to ``out`` if given: see :func:`check_out`);
     returns ``(record, path)``. ``no_adapter``: the quantized base alone, evaluated as the
-    run's "before" stage, written as eval-base-<time>.json."""
+    run's "before" stage, written as eval-base-<time>.json. ``task``: the adapter's one task
+    (``select_task``), evaluated on that task's examples only."""
     import datetime
     from pathlib import Path
 
@@ -115,21 +124,28 @@ def evaluate_run(run_dir, evaluators=None, rank=None, limit=None, device="auto",
         cfg.eval_limit = limit
     cfg.init_adapter = None             # the run's own saved adapter is evaluated
     plan = pipeline.plan(cfg, record)   # checks the evaluator specs before the model loads
+    if task is not None:
+        plan.validation, plan.test = ([e for e in split if e.task == task] for split in (plan.validation, plan.test))
+        if not plan.validation and not plan.test:
+            raise QpeftError(f"no evaluation example of {Path(run_dir).name} has task '{task}'; "
+                             f"tasks: {', '.join(sorted({e.task for e in plan.test if e.task})) or 'none'}")
     device = distributed.device_for(device)
     what = "no adapter" if no_adapter else record.adapter_spec
     say(f"qpeft: rebuilding {Path(run_dir).name} ({record.quantizer.name} × {what}) on {device}")
-    built = rebuild.rebuild(run_dir, device, rank, record, plan, no_adapter=no_adapter)
+    built = rebuild.rebuild(run_dir, device, rank, record, plan, no_adapter=no_adapter, task=task)
     stage = "before" if no_adapter else "after"
+    plugins = [] if no_adapter else [plan.quantizer, *plan.adapter.parts, *plan.evaluators]
     ctx = pipeline.eval_context(built.cfg, built.model, built.tokenizer, device, plan.validation,
-                                plan.test)(stage=stage, facts=dict(report.get("facts") or {}))
+                                plan.test, plugins)(stage=stage, facts=dict(report.get("facts") or {}))
     results = pipeline.evaluate(plan.evaluators, ctx, say)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_record = {"run": record.run, "evaluated_at": stamp, "rank": rank, "eval_limit": cfg.eval_limit,
+    out_record = {"run": record.run, "evaluated_at": stamp, "rank": rank, "task": task, "eval_limit": cfg.eval_limit,
                   "adapter": not no_adapter,
                   "evaluators": [PluginRecord.of(e).to_dict() for e in plan.evaluators], "results": results,
                   f"report_{stage}": report.get(stage, {})}
+    safe = re.sub(r"[^\w.-]", "_", task or "")
     name = (f"eval-base-{stamp}.json" if no_adapter else f"eval-rank{rank}.json" if rank is not None
-            else f"eval-{stamp}.json")
+            else f"eval-task-{safe}-{stamp}.json" if task is not None else f"eval-{stamp}.json")
     path = Path(out) if out else Path(run_dir) / name
     write_json(path, out_record)
     return out_record, path
@@ -162,8 +178,9 @@ def evaluate_adapter(directory, settings: dict, evaluators=None, rank=None, limi
     else:
         say(f"qpeft: loading {Path(directory).name} ({_short(cfg.adapter)}) over {model} × {cfg.quant} on {device}")
     built = rebuild.onto_base(cfg, plan, device, rank, no_adapter=no_adapter)
+    plugins = [] if no_adapter else [plan.quantizer, *plan.adapter.parts, *plan.evaluators]
     ctx = pipeline.eval_context(cfg, built.model, built.tokenizer, device, plan.validation,
-                                plan.test)(stage="before" if no_adapter else "after", facts={})
+                                plan.test, plugins)(stage="before" if no_adapter else "after", facts={})
     results = pipeline.evaluate(plan.evaluators, ctx, say)
     record = {"adapter": str(directory), "adapter_attached": not no_adapter, "adapter_spec": cfg.adapter,
               "model": model,

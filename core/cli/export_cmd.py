@@ -37,18 +37,21 @@ DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
                    "--gguf-type q4_0/q4_1/q5_0/q5_1/q8_0.")
 @click.option("--rank", type=params.RANK, default=None,
               help="Export a dynamic-rank adapter (qdylora) at this rank ≤ its trained rank.")
+@click.option("--task", default=None,
+              help="Export a multi-task adapter (mtlora) as this one task: a plain PEFT LoRA adapter, or merged.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Weight dtype of a merged model [default: float32].")
 @click.option("--max-shard-size", default=None, help="Shard size of a merged model [default: 500MB].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type, calibrate, rank, dtype,
-                   max_shard_size, overwrite):
+                   max_shard_size, overwrite, task=None):
     """Export RUN_DIR's adapter (PEFT format), a merged full model, or a merged GGUF file.
 
     \b
     Examples:
       qpeft export runs/nf4-lora --out lora-adapter
       qpeft export runs/nf4-qdylora --rank 4 --out rank4-adapter
+      qpeft export runs/nf4-mtlora --task alert --out alert-adapter   # one task, as PEFT LoRA
       qpeft export runs/nf4-dora --merge --dtype bfloat16 --out merged-model
       qpeft export runs/nf4-lora --merge --quant nf4 --out merged-nf4      # + quality cost
       qpeft export runs/nf4-lora --merge --quant nf4 --quality accuracy --out merged-nf4
@@ -70,6 +73,9 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type
                          f"replace; pass a new directory, e.g. --out {Path(run_dir).resolve().name}-export")
     check_combination(fmt, merge, quant_spec, gguf_type, dtype, max_shard_size)
     check_calibrate(calibrate, fmt, merge, quant_spec, gguf_type, dtype)
+    if task is not None and (quant_spec is not None or fmt != "hf"):
+        raise QpeftError("--task exports one task's adapter or merged model (--format hf); "
+                         "drop --quant/--format, or export the task first and convert that")
     if quality is not None and quant_spec is None:
         raise QpeftError("--quality measures a re-quantized export; add --merge --quant SPEC, or drop --quality")
     quantizer = checked = None
@@ -111,7 +117,7 @@ def export_command(run_dir, out_path, fmt, merge, quant_spec, quality, gguf_type
         say(f"merged model written to {out}, with {requant.QUANT_FILE} and {requant.REPORT_FILE}; "
             f"load it re-quantized with: qpeft run --model {out} --quant '{quant_spec}'")
     else:
-        export_hf(run_dir, out, bool(merge), rank, dtype or "float32", max_shard_size or "500MB", say)
+        export_hf(run_dir, out, bool(merge), rank, dtype or "float32", max_shard_size or "500MB", say, task)
 
 
 def check_combination(fmt, merge, quant_spec, gguf_type, dtype, max_shard_size) -> None:
@@ -173,14 +179,15 @@ def check_calibrate(calibrate, fmt, merge, quant_spec, gguf_type, dtype) -> None
                          f"(--dtype {dtype} would move them off it); drop --dtype")
 
 
-def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say) -> None:
-    """The adapter in PEFT's format, or the merged model as a transformers directory."""
+def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say, task=None) -> None:
+    """The adapter in PEFT's format, or the merged model as a transformers directory
+    (``task``: a multi-task adapter's one task, through its ``select_task``)."""
     import torch
 
     from qpeft.core.run.rebuild import rebuild
     from qpeft.core.base.rundir import Staged
 
-    built = rebuild(run_dir, rank=rank)      # checks --rank and loads before --out is touched
+    built = rebuild(run_dir, rank=rank, task=task)     # checks --rank/--task and loads before --out is touched
     method = built.composition.method
     with Staged(out) as staged:             # the old --out stays until the new one is written
         if merge:
@@ -191,7 +198,8 @@ def export_hf(run_dir, out, merge, rank, dtype, max_shard_size, say) -> None:
         else:
             method.save(built.model, staged.path, built.record.adapter_meta())
             done = "adapter written to {} (PEFT format; qpeft_adapter.json has the rest)"
-            done += "".join(f"\nnote: {part.peft_note}" for part in built.composition.parts if part.peft_note)
+            done += "".join(f"\nnote: {part.peft_note}" for part in built.composition.parts
+                            if part.peft_note and task is None)
         staged.commit()
     say(done.format(out))
 

@@ -117,21 +117,28 @@ def pack(items: list, max_length: int, seed: int = 0) -> list:
     Examples are taken in a seeded shuffled order and added to the current row while they
     fit (examples longer than ``max_length`` are cut to it). The first label of each
     example is set to -100 (see the module docstring).
+
+    A row's ``task`` is its examples' task when they share one, else None (pack each task's
+    examples on their own to keep every row's task: the trainer does so with per-task batches).
     """
     order = list(range(len(items)))
     _rng(seed, -1).shuffle(order)
-    rows, ids, labels, positions = [], [], [], []
+    rows, ids, labels, positions, tasks = [], [], [], [], set()
+
+    def row():
+        return Packed(ids, labels, task=next(iter(tasks)) if len(tasks) == 1 else None, position_ids=positions)
     for i in order:
         item_ids = list(items[i].input_ids[:max_length])
         item_labels = [IGNORE] + list(items[i].labels[1:max_length])
         if ids and len(ids) + len(item_ids) > max_length:
-            rows.append(Packed(ids, labels, positions))
-            ids, labels, positions = [], [], []
+            rows.append(row())
+            ids, labels, positions, tasks = [], [], [], set()
         ids += item_ids
         labels += item_labels
         positions += list(range(len(item_ids)))
+        tasks.add(getattr(items[i], "task", None))
     if ids:
-        rows.append(Packed(ids, labels, positions))
+        rows.append(row())
     return rows
 
 

@@ -373,6 +373,17 @@ def bundled(split_name: str = "train") -> list[Example]:
     return parse(content, name, "alpaca")
 
 
+def data_facts(train: list):
+    """The :class:`~qpeft.core.plugin.base.DataFacts` of training examples (given to ``on_data``)."""
+    from collections import Counter
+
+    from qpeft.core.plugin.base import DataFacts
+
+    counts = Counter(e.task for e in train if e.task is not None)
+    return DataFacts(tasks=tuple(sorted(counts)), task_examples=dict(sorted(counts.items())),
+                     examples=len(train), untasked=sum(1 for e in train if e.task is None))
+
+
 def exact_match(generated: str, answer: str) -> bool:
     """True when the first line of ``generated`` is ``answer`` (case, spaces, final '.' ignored)."""
     lines = generated.strip().splitlines()

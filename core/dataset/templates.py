@@ -46,6 +46,7 @@ class Encoded:
 
     input_ids: list
     labels: list
+    task: str | None = None     # the example's task (MTLoRA routes by it; batches carry it)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -136,7 +137,7 @@ def encode(example, tokenizer, template: str | None = None, max_length: int = 51
         ids.append(eos)
         status = "truncated" if len(ids) > max_length else "kept"
         ids = ids[:max_length]
-        return Encoded(ids, list(ids)), status
+        return Encoded(ids, list(ids), example.task), status
     prompt = prompt_ids(example, tokenizer, template, system)
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [eos]
     status = "kept"
@@ -146,7 +147,7 @@ def encode(example, tokenizer, template: str | None = None, max_length: int = 51
             return None, "dropped"
         prompt, status = prompt[-room:], "truncated"
     prompt_labels = list(prompt) if train_on_prompt else [IGNORE] * len(prompt)
-    return Encoded(prompt + response, prompt_labels + response), status
+    return Encoded(prompt + response, prompt_labels + response, example.task), status
 
 
 def encode_all(examples, tokenizer, template: str | None = None, max_length: int = 512,

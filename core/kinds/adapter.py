@@ -129,6 +129,12 @@ class Adapter(Plugin):
         raise QpeftError(f"adapter '{self.name}' has a fixed rank; --rank needs an adapter "
                          "method that defines select_rank()")
 
+    def select_task(self, model, task: str) -> None:
+        """Evaluate and export as task ``task`` for good (``qpeft eval --task``, ``qpeft export
+        --task``); a multi-task method (MTLoRA) overrides it. Default: refuse."""
+        raise QpeftError(f"adapter '{self.name}' has no tasks; --task needs a multi-task adapter "
+                         "method that defines select_task(), such as mtlora")
+
     # -- registration checks -------------------------------------------------------
     @classmethod
     def problems(cls) -> list[str]:

@@ -25,6 +25,10 @@ class EvalContext:
     prompt_ids: Any = None      # Example -> prompt token ids for generation (same template)
     facts: dict = dataclasses.field(default_factory=dict)       # sizes, memory, runtime so far
     limit: int = 0              # the run's --eval-limit (0: all), for evaluators with data of their own
+    # Route the model's task-aware plugins (MTLoRA) to one task for the forward passes that
+    # follow (None: no task): call it per task and score each task's examples on their own.
+    # None when no plugin of the run routes by task; then score the examples together.
+    use_task: Any = None
 
 
 class Evaluator(Plugin):

@@ -8,8 +8,9 @@ raises ``AssertionError`` naming the plugin and what failed. What they check::
                re-quantizing the same weight is exact; set_weight re-quantizes
                + the adapter cell below under every registered adapter method
     adapter    the adapter cell over every registered quantizer (int8 included)
-    cell       loss falls in a few AdamW steps (every part's training hooks called as
-               the trainer calls them; its state_dict → checkpoint → load_state_dict exact);
+    cell       on_data with two tasks ("a", "b"); loss falls in a few AdamW steps (every
+               part's training hooks called as the trainer calls them, on_batch with the
+               task of each row; then every row routed to task "a" for the comparisons; its state_dict → checkpoint → load_state_dict exact);
                save → load into a freshly attached model gives identical outputs;
                merge gives a plain model equal to the adapted one, within the quantizer's
                own gap between its matmul and its dequantized weight
@@ -33,6 +34,7 @@ from qpeft.core.kinds.adapter import Adapter, Composition
 from qpeft.core.base.errors import QpeftError
 
 STEPS, LR = 5, 2e-2
+TASKS = ("a", "b")   # the kit's data facts: the tiny batch's two rows are tasks a and b
 QUANT_VALUES = {"compute_dtype": "float32"}  # exact float32 matmuls: differences are the plugin's
 _CACHE: dict = {}  # the reference model, the evaluation model, each quantizer's gap
 
@@ -135,15 +137,26 @@ def attach(reference, quantizer, composition: Composition | None, seed: int = 0,
     default: four seeded batches of random tokens), as a run calibrates it."""
     import torch
 
+    from qpeft.core.plugin.base import DataFacts
+    from qpeft.core.train.hooks import TrainHooks
+
     model = copy.deepcopy(reference)
     quantizer.quantize_model(model, keep_source=composition is not None and composition.needs_source_weights,
                              float32_activations=composition is not None and composition.needs_float32_activations)
     torch.manual_seed(seed)
     if composition is not None:
+        TrainHooks(composition.parts).data(DataFacts(TASKS, {t: 1 for t in TASKS}, len(TASKS), 0))
         composition.attach(model)
         if composition.calibrating:
             calibrate(model, composition, calibration or random_batches(reference.config.vocab_size))
     return model
+
+
+def route(plugins, model, tasks, step=None) -> None:
+    """``on_batch`` on every plugin, as the trainer and the evaluators call it."""
+    from qpeft.core.train.hooks import TrainHooks
+
+    TrainHooks(plugins).batch(model, tasks, step)
 
 
 def calibrate(model, composition: Composition, batches: list) -> None:
@@ -195,6 +208,7 @@ def cell(quantizer, compose) -> str:
         again = compose()
         fresh = attach(reference, quantizer, again, seed=1)  # another seed: a skipped load shows
         again.method.load(fresh, Path(tmp))
+        route((quantizer, *again.parts), fresh, TASKS[:1])
     reloaded = logits(fresh.eval(), batch)
     assert reloaded.equal(trained), (f"{where}: save → load is not exact: max |Δlogit| = "
                                      f"{(reloaded - trained).abs().max().item():.3g}")
@@ -230,6 +244,7 @@ def update_survives(reference, quantizer, compose, where: str) -> float:
     values = {**dataclasses.asdict(quantizer.options), "compute_dtype": "bfloat16"}
     q16, composition, batch = type(quantizer).from_values(values), compose(), tiny_batch()
     model = attach(reference, q16, composition)
+    route((q16, *composition.parts), model, TASKS[:1])
     before16 = logits(model.eval(), batch)
     before32 = logits(composition.method.merge(copy.deepcopy(model)), batch)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -272,6 +287,7 @@ def train(model, batch, plugins, where: str):
     hooks.train_begin(model, facts)
     for step in range(STEPS):
         hooks.step_begin(step, model)
+        hooks.batch(model, TASKS, step)
         loss = model(batch, labels=batch).loss
         assert loss.requires_grad, f"{where}: the loss does not depend on the trainable tensors"
         hooks.add_extra(loss, model, step, 1.0).backward()
@@ -285,6 +301,7 @@ def train(model, batch, plugins, where: str):
     model.eval()
     hooks.train_end(model, facts)
     state_survives(hooks, where)
+    hooks.batch(model, TASKS[:1], None)      # every row task "a": what reload and merge must give
     return logits(model, batch)
 
 

@@ -39,6 +39,16 @@ class TrainFacts:
     device: str           # where the model trains ("cpu", "cuda:0")
 
 
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+    """What :meth:`Plugin.on_data` receives: the run's training data, before anything loads."""
+
+    tasks: tuple = ()            # the task names the training examples carry, sorted ("" never)
+    task_examples: dict = dataclasses.field(default_factory=dict)   # task → training examples
+    examples: int = 0            # training examples (with or without a task)
+    untasked: int = 0            # training examples without a task
+
+
 class Plugin:
     """Base of the three plugin kinds. Subclasses set ``name`` and ``description``."""
 
@@ -64,6 +74,18 @@ class Plugin:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+    # -- data hooks (optional; the defaults do nothing) ---------------------------------
+    def on_data(self, facts: "DataFacts") -> None:
+        """Once, when the run's data is read and before the model loads or the adapter is
+        attached (so an adapter may size itself to ``facts.tasks``); also before ``qpeft eval``
+        rebuilds a run. Called with keyword arguments."""
+
+    def on_batch(self, model, tasks: tuple | None, step: int | None) -> None:
+        """Before the forward passes over a batch: ``tasks`` holds the task of each row (None
+        for a row without one), or one name for every row of the passes that follow; None:
+        the data carries no task. ``step``: the optimizer step in training, None in evaluation
+        (the validation loss, an evaluator scoring one task). MTLoRA routes rows by it."""
 
     # -- training hooks (optional; the defaults do nothing) -----------------------------
     # The trainer calls them on every plugin of a run — quantizer, adapter method, its

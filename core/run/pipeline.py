@@ -1,6 +1,7 @@
 """The run pipeline, as named stages (each a function of this module, run by ``_run_locked``):
 
-    plan          every name resolved, every input checked, data read — before any load
+    plan          every name resolved, every input checked, data read — before any load;
+                  every plugin's on_data(facts) (the data's tasks: MTLoRA sizes itself to them)
     load          streaming.load_quantized: each layer quantized as it is read
     (record)      run_record.RunRecord written to RUN_DIR/config.json (an overwritten run swapped out now)
     evaluate_before   the evaluators on the quantized model ("before", kept for --resume)
@@ -41,6 +42,7 @@ from qpeft.core.kinds.quantizer import model_bytes
 from qpeft.core.run.record import RunRecord
 from qpeft.core.base.spec import split_list
 from qpeft.core.train.signals import Interrupted, Stopped, StopAtOnce
+from qpeft.core.train.hooks import TrainHooks
 from qpeft.core.train.trainer import Trainer, seed_everything
 
 
@@ -79,7 +81,25 @@ def plan(cfg: RunConfig, record: RunRecord | None = None) -> Plan:
     if cfg.eval_limit:
         validation, test = validation[:cfg.eval_limit], test[:cfg.eval_limit]
     models.check(cfg.model)
+    facts = datasets.data_facts(train)
+    check_tasks(cfg, facts)
+    TrainHooks([quantizer, *adapter.parts, *evaluators]).data(facts)
     return Plan(quantizer, adapter, evaluators, train, validation, test, init)
+
+
+def check_tasks(cfg: RunConfig, facts) -> None:
+    """``--task-sampling per-task`` needs tasks, and ``--task-weights`` names only tasks the data has."""
+    from qpeft.core.settings.config import task_weight_values
+
+    if cfg.train.task_sampling != "per-task":
+        return
+    if not facts.tasks:
+        raise QpeftError("--task-sampling per-task needs training examples with a 'task' (docs/data.md); "
+                         "none has one: drop the flag or add tasks")
+    unknown = sorted(set(task_weight_values(cfg.train.task_weights)) - set(facts.tasks))
+    if unknown:
+        raise QpeftError(f"--task-weights names task '{unknown[0]}', which no training example has; "
+                         f"tasks: {', '.join(facts.tasks)}")
 
 
 def init_adapter(cfg: RunConfig, reg):
@@ -125,11 +145,30 @@ def encoder(cfg: RunConfig, tokenizer):
     return lambda example: encode(example)[0]
 
 
-def eval_context(cfg: RunConfig, model, tokenizer, device, validation: list, test: list):
-    """A factory of :class:`EvalContext` for this model: call it with ``stage`` and ``facts``."""
+def eval_context(cfg: RunConfig, model, tokenizer, device, validation: list, test: list, plugins=()):
+    """A factory of :class:`EvalContext` for this model: call it with ``stage`` and ``facts``.
+    ``plugins``: the run's; when one routes by task (``on_batch``), ``use_task`` tells it the task."""
     return partial(EvalContext, model=model, tokenizer=tokenizer, device=device, limit=cfg.eval_limit,
                    validation=validation, test=test, encode=encoder(cfg, tokenizer),
-                   prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=_template(cfg)))
+                   prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=_template(cfg)),
+                   use_task=task_router(plugins, model))
+
+
+def task_router(plugins, model):
+    """``use_task(name or None)`` calling ``on_batch(model, (name,), None)`` on the plugins that
+    route by task; None when none does."""
+    hooks = TrainHooks(plugins)
+    if not hooks.routes:
+        return None
+    return lambda task: hooks.batch(model, None if task is None else (task,), None)
+
+
+def by_task(items: list) -> dict:
+    """``{task: items}`` in sorted task order (None, for items without one, first)."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(getattr(item, "task", None), []).append(item)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")))
 
 
 def _template(cfg: RunConfig):
@@ -141,6 +180,8 @@ def evaluate(evaluators, ctx: EvalContext, say) -> dict:
     results = {}
     for ev in evaluators:
         started = time.perf_counter()
+        if ctx.use_task is not None:
+            ctx.use_task(None)       # no task left over from training or from the last evaluator
         try:
             with progress.evaluating(f"{ctx.stage} {ev.name}" if say is not _quiet else None):
                 results[ev.name] = ev.evaluate(ctx)
@@ -188,7 +229,8 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     model, tokenizer, facts = load(cfg, p, device, world, say)
     run_dir = open_run_dir(cfg, mode, record) if world.is_main else cfg.run_dir
     world.barrier()
-    ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test)
+    ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test,
+                       [p.quantizer, *p.adapter.parts, *p.evaluators])
     before = evaluate_before(cfg, p, ctx, facts, run_dir, mode == "resume", world, say, device)
     attach(cfg, p, model)
     batches, stats = training_batches(cfg, p, tokenizer)
@@ -318,7 +360,9 @@ def attach(cfg: RunConfig, p: Plan, model) -> None:
 def training_batches(cfg: RunConfig, p: Plan, tokenizer):
     """The encoded (and, with --packing, packed) training set; ``(EncodedBatches, encode stats)``."""
     items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
-    if cfg.packing:
+    if cfg.packing and cfg.train.task_sampling == "per-task":    # each task packed alone: rows keep their task
+        items = [row for group in by_task(items).values() for row in pack(group, cfg.max_length, cfg.train.seed)]
+    elif cfg.packing:
         items = pack(items, cfg.max_length, cfg.train.seed)
     return EncodedBatches(items, tokenizer.pad_token_id, cfg.train.seed), stats
 
@@ -342,13 +386,23 @@ def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, batches, run_dir: Pat
     periodic evaluation. ``unverified_checkpoints``: the run was started by a qpeft that
     wrote no manifests."""
     val_items = [i for i in map(encoder(cfg, tokenizer), p.validation) if i is not None]
+    plugins = [p.quantizer, *p.adapter.parts, *p.evaluators]
+    route = task_router(plugins, model)
 
     def validation_loss(m) -> dict:
-        loss, _ = mean_loss(m, val_items, tokenizer.pad_token_id, device=device)
-        return {"eval_loss": loss}
+        if route is None:
+            loss, _ = mean_loss(m, val_items, tokenizer.pad_token_id, device=device)
+            return {"eval_loss": loss}
+        total, count = 0.0, 0           # each task's examples under that task's routing
+        for task, group in by_task(val_items).items():
+            route(task)
+            loss, n = mean_loss(m, group, tokenizer.pad_token_id, device=device)
+            total, count = total + loss * n, count + n
+        route(None)
+        return {"eval_loss": total / max(count, 1)}
 
     trainer = Trainer(model, batches, cfg.train, run_dir, device, evaluate=validation_loss,
-                      hooks=[p.quantizer, *p.adapter.parts, *p.evaluators], say=say,
+                      hooks=plugins, say=say,
                       unverified_checkpoints=unverified_checkpoints)
     return trainer
 

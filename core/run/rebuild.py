@@ -33,16 +33,18 @@ class Rebuilt:
     tokenizer: object
     composition: object     # the loaded adapter Composition (None: the base alone)
     rank: int | None = None
+    task: str | None = None
 
 
 def rebuild(run_dir, device: str = "cpu", rank: int | None = None, record: RunRecord | None = None,
-            plan=None, no_adapter: bool = False) -> Rebuilt:
+            plan=None, no_adapter: bool = False, task: str | None = None) -> Rebuilt:
     """The run's quantized model with its saved adapter attached (and ``rank`` selected).
     ``record`` (read here when not given) is the one source of the quantizer and adapter;
     ``plan`` — ``pipeline.plan(cfg, record)``, when the caller made one — lends its
     already-built plugins instead of building them again from the same record.
     ``no_adapter``: the run's quantized base alone (what its "before" evaluated), loaded as
-    the run loaded it (float32 activations for IA3/DoRA), nothing attached."""
+    the run loaded it (float32 activations for IA3/DoRA), nothing attached. ``task``: the
+    adapter's ``select_task`` (MTLoRA: every row routed to that task, for good)."""
     run_dir = Path(run_dir)
     record = record or RunRecord.read(run_dir)
     if no_adapter:
@@ -61,6 +63,7 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None, record: RunRe
         reg = registry.default()
         quantizer, composition = record.build_quantizer(reg), record.composition(reg)
     check_rank(composition, rank, f"this run used '{record.adapter_spec}'")
+    check_task(composition, task, f"this run used '{record.adapter_spec}'")
     model, tokenizer, _ = streaming.load_quantized(cfg.model, quantizer, device,
                                                    keep_source=composition.needs_source_weights,
                                                    float32_activations=composition.needs_float32_activations)
@@ -69,13 +72,21 @@ def rebuild(run_dir, device: str = "cpu", rank: int | None = None, record: RunRe
     model.to(device).eval()
     if rank is not None:
         composition.method.select_rank(model, rank)
-    return Rebuilt(run_dir, record, cfg, model, tokenizer, composition, rank)
+    if task is not None:
+        composition.method.select_task(model, task)
+    return Rebuilt(run_dir, record, cfg, model, tokenizer, composition, rank, task)
 
 
 def check_rank(composition, rank: int | None, used: str) -> None:
     """``--rank`` only for a method with the ``select_rank`` hook (checked before loading)."""
     if rank is not None and not composition.method.implements("select_rank"):
         raise QpeftError(f"--rank needs a dynamic-rank adapter such as qdylora; {used}; drop --rank")
+
+
+def check_task(composition, task: str | None, used: str) -> None:
+    """``--task`` only for a method with the ``select_task`` hook (checked before loading)."""
+    if task is not None and not composition.method.implements("select_task"):
+        raise QpeftError(f"--task needs a multi-task adapter such as mtlora; {used}; drop --task")
 
 
 def onto_base(cfg, plan, device: str = "cpu", rank: int | None = None, no_adapter: bool = False) -> Rebuilt:

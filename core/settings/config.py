@@ -92,6 +92,11 @@ class TrainConfig:
                               shown="-1, five times per run", range=Range("20", low=-1))
     save_every: int = setting(50, "checkpoint every N steps", range=Range("50", low=0))
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    task_sampling: Literal["mixed", "per-task"] = setting(
+        "mixed", "mixed: batches of any tasks; per-task: each step one mini-batch per task, loss Σ w_t·L_t "
+        "(MTLoRA's Algorithm 2; needs examples with a task)")
+    task_weights: str = setting("", "per-task loss weights w_t with --task-sampling per-task, e.g. alert=2,decimal=0.5",
+                                shown="1 for every task")
     progress: bool = setting(True, "progress bars", flag=False)
 
 
@@ -221,10 +226,33 @@ def range_errors(cfg: RunConfig) -> list[str]:
         if problem:
             when = " when --steps is 0" if key == "epochs" and math.isfinite(value) else ""
             out.append(f"{_flag(key)} {problem}{when}, got {value}; e.g. {_flag(key)} {allowed.example}")
+    try:
+        task_weight_values(t.task_weights)
+    except OptionsError as exc:
+        out.append(str(exc))
+    if t.task_weights and t.task_sampling != "per-task":
+        out.append("--task-weights weighs the per-task losses of --task-sampling per-task; add it, or drop --task-weights")
     if t.batch_size >= 1 and t.grad_accum >= 1 and t.batch_size % t.grad_accum:
         out.append(f"--batch-size {t.batch_size} must be divisible by --grad-accum {t.grad_accum}; "
                    f"e.g. --batch-size {t.batch_size - t.batch_size % t.grad_accum or t.grad_accum} "
                    f"--grad-accum {t.grad_accum}")
+    return out
+
+
+def task_weight_values(text: str) -> dict[str, float]:
+    """``{"alert": 2.0, "decimal": 0.5}`` from ``"alert=2,decimal=0.5"`` ("" → {}); each weight a
+    finite number ≥ 0, each task named once."""
+    out = {}
+    for part in filter(None, (p.strip() for p in str(text or "").split(","))):
+        name, eq, value = part.partition("=")
+        try:
+            weight = float(value) if eq and name.strip() else None
+        except ValueError:
+            weight = None
+        if weight is None or not math.isfinite(weight) or weight < 0 or name.strip() in out:
+            raise OptionsError(f"--task-weights: '{part}' is not TASK=WEIGHT (a number ≥ 0, each task once); "
+                               "e.g. --task-weights alert=2,decimal=0.5")
+        out[name.strip()] = weight
     return out
 
 

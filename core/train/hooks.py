@@ -4,7 +4,7 @@ The trainer and the conformance kit's ``train`` both go through :class:`TrainHoo
 third-party method is exercised by the kit exactly as a run calls it. One optimizer step::
 
     on_step_begin(step, model)
-    for each micro-batch:  forward → task loss + Σ extra_loss(model=, step=) → backward
+    for each micro-batch:  on_batch(model=, tasks=, step=) → forward → task loss + Σ extra_loss(model=, step=) → backward
     all-reduce gradients → clip → on_gradients(model=, step=)
     optimizer.step() → schedule.step() → zero_grad → on_step_end(model=, step=)
 
@@ -14,7 +14,7 @@ trainer's tests pass small stand-ins) may define any subset of the hooks.
 import math
 
 from qpeft.core.base.errors import QpeftError
-from qpeft.core.plugin.base import Plugin, TrainFacts
+from qpeft.core.plugin.base import DataFacts, Plugin, TrainFacts
 
 
 def label(plugin) -> str:
@@ -49,6 +49,18 @@ class TrainHooks:
         for plugin in self.plugins:
             if defines(plugin, hook):
                 getattr(plugin, hook)(**kwargs)
+
+    @property
+    def routes(self) -> bool:
+        """True when a plugin defines ``on_batch`` (it wants the task of each batch)."""
+        return any(defines(p, "on_batch") for p in self.plugins)
+
+    def data(self, facts: DataFacts) -> None:
+        self._call("on_data", facts=facts)
+
+    def batch(self, model, tasks, step=None) -> None:
+        """``on_batch``: ``tasks`` a tuple (one per row, or one for every row) or None."""
+        self._call("on_batch", model=model, tasks=None if tasks is None else tuple(tasks), step=step)
 
     def train_begin(self, model, facts: TrainFacts) -> None:
         self._call("on_train_begin", model=model, facts=facts)

@@ -4,6 +4,11 @@
               backward → (all-reduce grads across processes) → clip → optimizer → schedule
               every N steps: log (metrics.jsonl, progress bar), evaluate, checkpoint
 
+With ``--task-sampling per-task`` (MTLoRA, Agiza et al. 2024, Algorithm 2) each step draws
+``batch_size`` examples of every task from that task's own seeded order, and the objective is
+``Σ_t w_t · L_t`` with ``L_t`` the token mean over task t's examples of the step; each
+``L_t`` is logged as ``task_loss/<task>``.
+
 Plugins act during training through the hooks that ``Plugin`` declares (on_train_begin,
 on_step_begin, extra_loss, on_gradients, on_step_end, on_train_end, state_dict), called on
 every plugin of the run (quantizer, adapter parts, evaluators) by ``core/train/hooks.py``;
@@ -29,6 +34,7 @@ from qpeft.core.train.loss_log import LossLog
 from qpeft.core.train.optim import apply_settings, build_optimizer, build_schedule
 from qpeft.core.train.hooks import TrainFacts, TrainHooks
 from qpeft.core.train.signals import Interrupted
+from qpeft.core.train.task_sampling import TaskSampler
 
 
 class TrainingError(QpeftError):
@@ -86,6 +92,8 @@ class Trainer:
             raise TrainingError(f"--batch-size {config.batch_size} must be divisible by --grad-accum "
                                 f"× processes = {config.grad_accum * self.dist.world}")
         self.micro = config.batch_size // config.grad_accum
+        self.tasks = TaskSampler(batches, config.task_weights) if config.task_sampling == "per-task" else None
+        self.task_losses: dict = {}                  # this step's L_t, logged as task_loss/<task>
         self.optimizer = build_optimizer(self.params, config, self.device)
         self.total_steps = self._total_steps()
         self.scheduler = build_schedule(self.optimizer, config, self.total_steps)
@@ -100,6 +108,8 @@ class Trainer:
     def _total_steps(self) -> int:
         if self.cfg.steps > 0:
             return self.cfg.steps
+        if self.tasks is not None:
+            return self.tasks.steps_per_epoch(self.micro, self.cfg.grad_accum, self.cfg.epochs)
         per_epoch = self.batches.num_batches(self.micro) // self.cfg.grad_accum
         return max(1, math.ceil(per_epoch * self.cfg.epochs))
 
@@ -150,7 +160,7 @@ class Trainer:
             record = {}      # one metrics.jsonl line per step at most: training, validation or both
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 rate = tokens / max(time.perf_counter() - started - self.eval_seconds, 1e-9)
-                record = {"step": self.step, "loss": loss, **self.extra, **self.losses.fields(),
+                record = {"step": self.step, "loss": loss, **self.extra, **self.task_losses, **self.losses.fields(),
                           "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate,
                           "memory_mb": memory.current_mb(self.device)}
             if self.eval_every and self.step % self.eval_every == 0 and self.evaluate:
@@ -210,25 +220,70 @@ class Trainer:
                           f"with a checkpoint; continue with: qpeft run --resume {self.run_dir}")
 
     def _optimizer_step(self) -> tuple[float, int]:
+        if self.tasks is not None:
+            return self._task_step()
         micro_batches = [self._next_batch() for _ in range(self.cfg.grad_accum)]
-        local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local = sum(_supervised(b) for b, _ in micro_batches)
         total = self.dist.sum_int(local)
-        seen = self.dist.sum_int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                                     else b["input_ids"].numel() for b in micro_batches))
+        seen = self._seen(micro_batches)
         if total == 0:
             raise TrainingError(f"step {self.step + 1} has no supervised tokens; check --max-length "
                                 "and that responses are not truncated away")
         loss_sum = 0.0
-        for batch in micro_batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with memory.autocast(self.device, self.model):
-                s, n = token_loss_sum(self.model, **batch)
+        for batch, tasks in micro_batches:
+            s, n = self._forward(batch, tasks)
             # world × mean: all-reduce averages; an extra term weighs as this micro-batch's mean s/n
             weight = n / total * self.dist.world
             self.hooks.add_extra(s / total * self.dist.world, self.model, self.step, weight, n).backward()
             loss_sum += s.item()
         loss = self.dist.sum_float(loss_sum) / total
         self.extra = self.hooks.extra_logged(total, self.dist.sum_float)
+        self._apply_gradients(loss)
+        return loss, seen
+
+    def _task_step(self) -> tuple[float, int]:
+        """One step of MTLoRA's Algorithm 2: a mini-batch of every task, ``Σ_t w_t · L_t``
+        (``L_t``: task t's token mean over the step). A constant extra loss term is added
+        once (its micro-batch weights sum to 1 over the step)."""
+        weights, world = self.tasks.weights, self.dist.world
+        drawn = {t: [self.tasks.next_batch(t, self.micro, self.dist.rank, world) for _ in range(self.cfg.grad_accum)]
+                 for t in weights}
+        counts = {t: self.dist.sum_int(sum(_supervised(b) for b, _ in batches)) for t, batches in drawn.items()}
+        empty = [t for t, n in counts.items() if n == 0]
+        if empty:
+            raise TrainingError(f"step {self.step + 1}: the mini-batch of task '{empty[0]}' has no supervised "
+                                "tokens; check --max-length and that responses are not truncated away")
+        seen = self._seen([b for batches in drawn.values() for b in batches])
+        weight_sum, sums = sum(weights.values()), {}
+        for task, batches in drawn.items():
+            w, sums[task] = weights[task], 0.0
+            for batch, tasks in batches:
+                s, n = self._forward(batch, tasks)
+                extra_weight = n / counts[task] * w / weight_sum * world
+                self.hooks.add_extra(s * (w / counts[task] * world), self.model, self.step, extra_weight,
+                                     n).backward()
+                sums[task] += s.item()
+        per_task = {t: self.dist.sum_float(sums[t]) / counts[t] for t in drawn}
+        loss = sum(weights[t] * value for t, value in per_task.items())
+        self.task_losses = {f"task_loss/{t}": value for t, value in per_task.items()}
+        self.extra = self.hooks.extra_logged(sum(counts.values()), self.dist.sum_float)
+        self._apply_gradients(loss)
+        return loss, seen
+
+    def _seen(self, micro_batches: list) -> int:
+        return self.dist.sum_int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                     else b["input_ids"].numel() for b, _ in micro_batches))
+
+    def _forward(self, batch: dict, tasks):
+        """``(Σ token CE, supervised tokens)`` of one micro-batch, its tasks told to the plugins first."""
+        if self.hooks.routes:
+            self.hooks.batch(self.model, tasks, self.step)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with memory.autocast(self.device, self.model):
+            return token_loss_sum(self.model, **batch)
+
+    def _apply_gradients(self, loss: float) -> None:
+        """All-reduce, clip, ``on_gradients``, the optimizer and schedule steps, ``on_step_end``."""
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} at step {self.step + 1}; "
                                 "lower --lr or check the data")
@@ -240,14 +295,15 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.hooks.step_end(self.model, self.step)
-        return loss, seen
 
-    def _next_batch(self) -> dict:
+    def _next_batch(self) -> tuple[dict, tuple | None]:
         if self.index >= self.batches.num_batches(self.micro):
             self.epoch, self.index = self.epoch + 1, 0
-        batch = self.batches.batch(self.epoch, self.index, self.micro, self.dist.rank, self.dist.world)
+        where = (self.epoch, self.index, self.micro, self.dist.rank, self.dist.world)
+        batch = self.batches.batch(*where)
+        tasks = self.batches.batch_tasks(*where) if hasattr(self.batches, "batch_tasks") else None
         self.index += 1
-        return batch
+        return batch, tasks
 
     def _log(self, record: dict, bar) -> None:
         self.history.append(record)
@@ -290,7 +346,8 @@ class Trainer:
             return None
         state = {"weights": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
-                 "position": {"step": self.step, "epoch": self.epoch, "index": self.index},
+                 "position": {"step": self.step, "epoch": self.epoch, "index": self.index,
+                              **({"tasks": self.tasks.state()} if self.tasks is not None else {})},
                  "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                          "python_pos": random.getstate()[2]},
                  "history": self.history, "plugins": self.hooks.state(), "losses": self.losses.state()}
@@ -348,6 +405,8 @@ class Trainer:
         apply_settings(self.optimizer, self.scheduler, self.cfg)
         pos = state["position"]
         self.step, self.epoch, self.index = pos["step"], pos["epoch"], pos["index"]
+        if self.tasks is not None:
+            self.tasks.load(pos.get("tasks"))
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), state["rng"]["python_pos"]))
         self.history = list(state["history"])
@@ -355,6 +414,11 @@ class Trainer:
         self.hooks.load(state.get("plugins"), where.name, self.say if self.dist.is_main else _quiet)
         if self.dist.is_main:  # drop lines logged after that checkpoint by the killed run
             self._write_metrics("".join(json.dumps(r) + "\n" for r in self.history), "w")
+
+
+def _supervised(batch: dict) -> int:
+    """Labels of a batch the loss uses (past each row's first token)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def _quiet(line: str) -> None:

@@ -2,7 +2,9 @@
 
 Each test example carries a short ``answer``; the model's greedy continuation of the
 rendered prompt is correct when its first line equals the answer (case, surrounding
-spaces and a final '.' ignored). Reported overall and per task.
+spaces and a final '.' ignored). Reported overall and per task (``accuracy/<task>``). When a
+plugin of the run routes by task (MTLoRA; ``ctx.use_task`` is set), each task's cases are
+generated on their own, under that task's routing.
 """
 import dataclasses
 from collections import defaultdict
@@ -28,9 +30,15 @@ class Accuracy(Evaluator):
         cases = [e for e in ctx.test if e.answer is not None]
         if not cases:
             return {}
-        prompts = [ctx.prompt_ids(e) for e in cases]
-        outputs = generate(ctx.model, ctx.tokenizer, prompts, self.options.max_new_tokens,
-                           self.options.batch_size, ctx.device)
+        if ctx.use_task is not None:        # one task at a time, routed to it
+            cases = sorted(cases, key=lambda e: (e.task is not None, e.task or ""))
+            outputs = []
+            for task in dict.fromkeys(e.task for e in cases):
+                ctx.use_task(task)
+                outputs += self.answers(ctx, [e for e in cases if e.task == task])
+            ctx.use_task(None)
+        else:
+            outputs = self.answers(ctx, cases)
         by_task = defaultdict(lambda: [0, 0])
         for example, text in zip(cases, outputs):
             hit = exact_match(text, example.answer)
@@ -40,6 +48,11 @@ class Accuracy(Evaluator):
         out = {"accuracy": round(right / len(cases), 4), "accuracy_n": len(cases)}
         out.update({f"accuracy/{task}": round(r / n, 4) for task, (r, n) in sorted(by_task.items())})
         return out
+
+    def answers(self, ctx, cases: list) -> list[str]:
+        """The greedy answer to each case's prompt."""
+        return generate(ctx.model, ctx.tokenizer, [ctx.prompt_ids(e) for e in cases], self.options.max_new_tokens,
+                        self.options.batch_size, ctx.device)
 
 
 @hookimpl

@@ -1,7 +1,9 @@
 """``perplexity``: exp of the mean token cross-entropy on the validation split.
 
 Token-weighted over the whole split (not a mean of per-example perplexities), on the
-response tokens only unless the run trains on prompts — the same tokens the loss uses.
+response tokens only unless the run trains on prompts — the same tokens the loss uses. When
+a plugin routes by task (MTLoRA; ``ctx.use_task`` is set), each task's examples are scored
+under that task's routing, and ``eval_loss/<task>`` is reported beside the whole split's.
 """
 import dataclasses
 import math
@@ -27,10 +29,22 @@ class Perplexity(Evaluator):
         items = [i for i in items if i is not None]
         if not items:
             return {}
-        loss, count = mean_loss(ctx.model, items, ctx.tokenizer.pad_token_id,
+        if ctx.use_task is None:
+            loss, count = mean_loss(ctx.model, items, ctx.tokenizer.pad_token_id,
+                                    self.options.batch_size, ctx.device)
+            return {"eval_loss": round(loss, 5), "perplexity": round(math.exp(loss), 4),
+                    "eval_tokens": count, "perplexity_n": count}   # _n: the sample size, read by reports
+        per_task, total, count = {}, 0.0, 0
+        for task in sorted({i.task for i in items}, key=lambda t: (t is not None, t or "")):
+            ctx.use_task(task)
+            loss, n = mean_loss(ctx.model, [i for i in items if i.task == task], ctx.tokenizer.pad_token_id,
                                 self.options.batch_size, ctx.device)
+            per_task[f"eval_loss/{task or 'none'}"] = round(loss, 5)
+            total, count = total + loss * n, count + n
+        ctx.use_task(None)
+        loss = total / max(count, 1)
         return {"eval_loss": round(loss, 5), "perplexity": round(math.exp(loss), 4),
-                "eval_tokens": count, "perplexity_n": count}   # _n: the sample size, read by reports
+                "eval_tokens": count, "perplexity_n": count, **per_task}
 
 
 @hookimpl
