@@ -9,7 +9,8 @@ of the weights, the data and its options — not of time or memory, as footprint
     the base model's content     the SHA-256 of each of its files (a .gguf, or a directory's
                                  files), not its path; memoised by (path, size, mtime)
     the quantizer                name, options, origin and version; the compute dtype;
-                                 whether the adapter keeps float32 activations
+                                 whether the adapter keeps float32 activations, and whether
+                                 a plugin routes by task (evaluation then scores each task apart)
     the evaluator                name, options, origin and version
     the evaluation data          the validation and test examples themselves (after
                                  --eval-limit), the template, --max-length, --train-on-prompt
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from qpeft.core.base.version import __version__
 from qpeft.core.model import models
+from qpeft.core.train.hooks import TrainHooks
 
 CHUNK = 1 << 22
 
@@ -86,6 +88,7 @@ def run_key(cfg, plan, device) -> dict:
     return {"format": 1, "model": model_content(cfg.model), "quantizer": plugin_key(plan.quantizer),
             "compute_dtype": str(plan.quantizer.compute_dtype),
             "float32_activations": bool(plan.adapter.needs_float32_activations),
+            "by_task": bool(TrainHooks([plan.quantizer, *plan.adapter.parts, *plan.evaluators]).routes),
             "data": hashlib.sha256(json.dumps(examples, sort_keys=True, default=str).encode()).hexdigest(),
             "template": cfg.template, "max_length": cfg.max_length, "train_on_prompt": cfg.train_on_prompt,
             "device": str(device).split(":")[0], "torch": torch.__version__, "qpeft": __version__}
