@@ -129,6 +129,8 @@ stage export-nf4 100 $PY -m qpeft export "$WORK/runs/nf4-lora" --merge --quant n
 stage export-nf4-gptq 150 $PY -m qpeft export "$WORK/runs/nf4-lora" --merge --quant nf4 --calibrate 8 \
     --out "$WORK/exp-nf4-gptq" --overwrite
 (cd "$WORK" && for f in exp-*/export_report.json; do echo "== $f"; cat "$f"; done) || true
+qrun nf4-mtlora "$SMALL" "$STEPS" --quant nf4 --adapter mtlora --task-sampling per-task
+qrun nf4-lora-corda "$SMALL" "$STEPS" --quant nf4 --adapter lora+corda
 
 # 4. qpeft vs PEFT, one step at a time (benchmarks/train_step.py, a fresh process per tool and row)
 stage train-step 150 $PY "$REPO/benchmarks/train_step.py" --device "$DEVICE" --model "$SMALL" \
