@@ -89,7 +89,7 @@ class LoRALinear(AdapterLayer):
         super().__init__()
         device = layer_device(base)
         self.base, self.r, self.scaling = base, r, scaling
-        self.alpha = scaling * r                       # LowRankMethod.wrap sets the option's α
+        self.lora_alpha = scaling * r                  # LowRankMethod.wrap sets the option's α
         self.scale_for = lambda rank, alpha: alpha / rank   # … and the method's rule (α, r) → s
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=device, dtype=dtype))
@@ -124,7 +124,7 @@ class LoRALinear(AdapterLayer):
         a, b = self.lora_A, self.lora_B
         self.lora_A = nn.Parameter(a.new_zeros(r, a.shape[1]), requires_grad=a.requires_grad)
         self.lora_B = nn.Parameter(b.new_zeros(b.shape[0], r), requires_grad=b.requires_grad)
-        self.r, self.alpha = r, alpha
+        self.r, self.lora_alpha = r, alpha
         self.scaling = self.scale_for(r, alpha) if r else 0.0
 
     def finish_init(self) -> None:
@@ -269,7 +269,7 @@ class LowRankMethod(AdapterMethod):
     def wrap(self, name: str, base: QuantizedLinear, modifiers: list[Adapter]) -> LoRALinear:
         """:meth:`make_layer`, then the init modifier (if any), then the layer's ``finish_init``."""
         layer, init = self.make_layer(base, modifiers), _filling(modifiers, "init")
-        layer.alpha, modifiers = self.options.alpha, list(modifiers)
+        layer.lora_alpha, modifiers = self.options.alpha, list(modifiers)
         layer.scale_for = lambda r, alpha: self.scaling(modifiers, r, alpha)
         connection = _filling(modifiers, "connection")
         if connection is not None:
@@ -290,8 +290,8 @@ class LowRankMethod(AdapterMethod):
                   "lora_dropout": self.options.dropout, "use_rslora": False, "use_dora": False,
                   "init_lora_weights": True, "target_modules": peft_format.target_modules(model, kept)}
         ranks = {name: layers[name].r for name in sorted(kept) if getattr(layers[name], "r", self.rank) != self.rank}
-        alphas = {name: layers[name].alpha for name in sorted(kept)
-                  if getattr(layers[name], "alpha", self.options.alpha) != self.options.alpha}
+        alphas = {name: layers[name].lora_alpha for name in sorted(kept)
+                  if getattr(layers[name], "lora_alpha", self.options.alpha) != self.options.alpha}
         if ranks or alphas:   # per-layer ranks (EVA's redistribution), as PEFT writes them
             config.update(rank_pattern=ranks, alpha_pattern=alphas)
         for modifier in self.modifiers:

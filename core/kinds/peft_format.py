@@ -76,7 +76,7 @@ def save(model, directory, config: dict, parts: list, meta: dict, calibration: d
         raise QpeftError("the model has no adapter attached; nothing to save")
     tensors = {f"{PREFIX}{name}.{key}": t.detach().cpu().contiguous()
                for name, layer in layers.items() for key, t in layer.adapter_tensors().items()
-               if t.numel()}   # a layer left with rank 0 (EVA, AdaLoRA) saves nothing
+               if t.numel() or getattr(layer, "r", 1)}   # a layer EVA left at rank 0 saves nothing
     files = {CONFIG: {**COMMON, "base_model_name_or_path": meta.get("base_model"), **config},
              MANIFEST: manifest(parts, meta, rewritten=any(
                  getattr(layer, "base_rewritten", False) for layer in layers.values()))}

@@ -145,7 +145,7 @@ class EVA(Adapter):
                 continue
             a = state[name]
             if a.shape[0] != layer.r:
-                alpha = layer.alpha * a.shape[0] / layer.r if self.options.adjust_alpha else layer.alpha
+                alpha = layer.lora_alpha * a.shape[0] / layer.r if self.options.adjust_alpha else layer.lora_alpha
                 layer.set_rank(a.shape[0], alpha)
             with torch.no_grad():
                 layer.lora_A.copy_(a.to(layer.lora_A.device, layer.lora_A.dtype))
