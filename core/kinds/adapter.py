@@ -240,6 +240,26 @@ class Composition:
         self.method.attach(model, self.modifiers)
 
 
+def calibrated(part: Adapter, model, batches) -> dict:
+    """``part.calibrate(model, batches)`` as the run and the conformance kit call it: in eval
+    mode, the training mode and cleared gradients restored after, the result checked to be
+    ``{name without '/': tensor}`` and moved to the CPU (one line naming the plugin otherwise)."""
+    import torch
+
+    training = model.training
+    model.eval()
+    try:
+        state = part.calibrate(model, batches)
+    finally:
+        model.train(training)
+        model.zero_grad(set_to_none=True)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and "/" not in k and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise QpeftError(f"adapter '{part.name}': calibrate() returned {type(state).__name__}; return a dict "
+                         "of tensors keyed by names without '/' (e.g. each layer's initial A)")
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def compose(spec: str, registry=None) -> Composition:
     """A :class:`Composition` from ``"dora+loftq:iters=3"`` (plugins looked up in ``registry``,
     default the process-wide one), or a one-line error."""

@@ -161,19 +161,13 @@ def route(plugins, model, tasks, step=None) -> None:
 
 def calibrate(model, composition: Composition, batches: list) -> None:
     """What a run's calibration stage does, on ``batches``: each calibrating part's
-    ``calibrate`` in eval mode, its state applied through ``restore_calibration``."""
+    ``calibrate`` (:func:`~qpeft.core.kinds.adapter.calibrated`), its state applied through
+    ``restore_calibration``."""
     from qpeft.core.dataset.calibration import CalibrationBatches
+    from qpeft.core.kinds.adapter import calibrated
 
-    states = {}
-    for part in composition.calibrating:
-        training = model.training
-        model.eval()
-        try:
-            states[part.name] = {k: v.detach().cpu() for k, v in
-                                 part.calibrate(model, CalibrationBatches.of(batches[:part.calibration_batches()])).items()}
-        finally:
-            model.train(training)
-            model.zero_grad(set_to_none=True)
+    states = {part.name: calibrated(part, model, CalibrationBatches.of(batches[:part.calibration_batches()]))
+              for part in composition.calibrating}
     composition.method.restore_calibration(model, states)
 
 

@@ -18,6 +18,7 @@ import torch
 from qpeft.core.base.durable import fsync
 from qpeft.core.base.errors import QpeftError
 from qpeft.core.dataset.calibration import CalibrationBatches
+from qpeft.core.kinds.adapter import calibrated
 from qpeft.core.kinds import peft_format
 
 FILE = "calibration.safetensors"
@@ -37,32 +38,13 @@ def calibrate(composition, model, source, micro: int, device, world, run_dir: Pa
         if world.is_main:
             started = time.perf_counter()
             batches = CalibrationBatches(source, count, micro, device, label=f"calibrating {part.name}", say=say)
-            state = checked(part, _calibrate_leaving_model_as_found(part, model, batches))
+            state = calibrated(part, model, batches)
             say(f"qpeft: {part.name} calibrated on {count} training batches ({batches.tokens} labelled "
                 f"tokens, {time.perf_counter() - started:.1f} s)")
         states[part.name] = share(state, world)
     composition.method.restore_calibration(model, states)
     if world.is_main:
         write(run_dir / FILE, states)
-
-
-def _calibrate_leaving_model_as_found(part, model, batches) -> dict:
-    training = model.training
-    model.eval()
-    try:
-        return part.calibrate(model, batches)
-    finally:
-        model.train(training)
-        model.zero_grad(set_to_none=True)
-
-
-def checked(part, state) -> dict:
-    """``state`` as ``{str: CPU tensor}``, or one line naming the plugin that returned something else."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and "/" not in k and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise QpeftError(f"adapter '{part.name}': calibrate() returned {type(state).__name__}; return a dict "
-                         "of tensors keyed by names without '/' (e.g. each layer's initial A)")
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def share(state: dict | None, world) -> dict:
