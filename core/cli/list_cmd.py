@@ -1,30 +1,11 @@
-"""``qpeft list``: every plugin by kind, with origin, description and options."""
+"""``qpeft list``: every plugin by kind, with origin, description and options (kept between
+calls: :mod:`qpeft.core.plugin.listing`)."""
 import json
 
 import click
 
 from qpeft.core.plugin import registry
-from qpeft.core.base.options import describe
-
-
-def plugin_record(cls) -> dict:
-    """A plugin as a JSON-able record."""
-    record = {"name": cls.name, "kind": cls.kind, "description": cls.description,
-              "origin": cls.origin.distribution if cls.origin else None,
-              "version": cls.origin.version if cls.origin else None,
-              "options": describe(cls.Options)}
-    record.update(cls.listing_extras())
-    return record
-
-
-def listing(kind: str | None = None) -> dict:
-    """Plugins (optionally of one kind) and the plugins that failed to load."""
-    reg = registry.default()
-    kinds = [kind] if kind else list(registry.KINDS)
-    out = {k: [plugin_record(reg.get(k, n)) for n in reg.names(k)] for k in kinds}
-    out["failures"] = [{"name": f.name, "origin": f.origin.distribution,
-                        "version": f.origin.version, "error": f.error} for f in reg.failures]
-    return out
+from qpeft.core.plugin.listing import listing
 
 
 @click.command("list")
