@@ -68,3 +68,19 @@ def test_evaluation_computes_no_gradient(batch):
         total, _ = token_loss_sum(model, **batch)
     assert total.grad_fn is None
     torch.testing.assert_close(total, reference(model, batch).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_row_sums_are_each_rows_own_loss(trainable_head, batch):
+    """``row_sums`` (the per-task losses of mixed batches) holds each row's Σ token CE: the
+    row's loss computed alone, on both paths; the total and its gradient are unchanged."""
+    from qpeft.core.kit.testing import tiny_model
+
+    model = tiny_model(vocab_size=300, seed=1)
+    model.get_output_embeddings().weight.requires_grad_(trainable_head)
+    rows = torch.zeros(3)
+    total, n = token_loss_sum(model, chunk=7, row_sums=rows, **batch)
+    alone = torch.stack([reference(model, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(3)])
+    torch.testing.assert_close(rows, alone.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.sum(), total.detach(), rtol=1e-6, atol=1e-5)
+    assert not rows.requires_grad and rows[0] < rows[1]           # row 0 has 5 fewer supervised tokens

@@ -190,3 +190,36 @@ def test_a_misspelled_training_hook_is_refused_at_registration_with_the_closest_
     [failure] = reg.failures
     assert failure.error.endswith(f"defines '{typo}', which nothing calls; did you mean '{meant}'?")
     assert "typo" not in reg.names("adapter")
+
+
+def tasked_source(tokenizer, tasks, n=24):
+    """The bundled examples with their task replaced: ``tasks`` cycled over the rows."""
+    import dataclasses
+
+    from qpeft.core.dataset import templates
+    from qpeft.core.dataset.batch_source import EncodedBatches
+    from qpeft.core.dataset.examples import bundled
+
+    examples = [dataclasses.replace(e, task=tasks[i % len(tasks)]) for i, e in enumerate(bundled("train")[:n])]
+    items, _ = templates.encode_all(examples, tokenizer, max_length=128)
+    return EncodedBatches(items, tokenizer.pad_token_id, seed=1)
+
+
+def test_mixed_batches_log_each_tasks_token_mean(tokenizer, tmp_path):
+    """Default (mixed) sampling logs task_loss/<task> too: with one task it is the loss itself;
+    with two, each is logged and the loss lies between them (their token-weighted mean); data
+    without tasks logs none."""
+    config = cfg(steps=2, batch_size=4, grad_accum=2)
+    Trainer(adapted_tiny(tokenizer), tasked_source(tokenizer, ["a"]), config, tmp_path / "one").train()
+    for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert row["task_loss/a"] == pytest.approx(row["loss"], rel=1e-6)
+    Trainer(adapted_tiny(tokenizer), tasked_source(tokenizer, ["a", "b"]), config, tmp_path / "two").train()
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        a, b = row["task_loss/a"], row["task_loss/b"]
+        assert a != b and min(a, b) < row["loss"] < max(a, b)
+    Trainer(adapted_tiny(tokenizer), tasked_source(tokenizer, [None]), config, tmp_path / "none").train()
+    assert not any(k.startswith("task_loss/") for k in json.loads(
+        (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()[0]))

@@ -17,16 +17,16 @@ IGNORE = -100
 CHUNK_ELEMENTS = 1 << 24   # logits per chunk: 64 MB in float32
 
 
-def _chunk_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_losses(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
     """``Σ_i CE(h_i Wᵀ + b, t_i)`` for a frozen ``W``; backward is one scaled tensor."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
+    def forward(ctx, hidden, weight, bias, targets, rows, token_ce=None):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -39,7 +39,10 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
             top = z.amax(1, keepdim=True)
             z.sub_(top).exp_()                          # in place: z is now exp(z - max)
             norm = z.sum(1, keepdim=True)
-            total += (norm.log() + top).squeeze(1).sub(picked).sum()   # log-sum-exp − z_t
+            ce = (norm.log() + top).squeeze(1).sub(picked)             # log-sum-exp − z_t
+            total += ce.sum()
+            if token_ce is not None:
+                token_ce[start:start + rows] = ce
             if want_grad:
                 z.div_(norm)                            # softmax(z)
                 z[torch.arange(t.numel(), device=t.device), t] -= 1.0   # − onehot(t)
@@ -50,7 +53,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None
 
 
 def _frozen_linear(head: torch.nn.Module) -> bool:
@@ -58,12 +61,15 @@ def _frozen_linear(head: torch.nn.Module) -> bool:
             and (head.bias is None or not head.bias.requires_grad))
 
 
-def token_loss_sum(model, input_ids, labels, chunk: int | None = None, **inputs):
+def token_loss_sum(model, input_ids, labels, chunk: int | None = None, row_sums: torch.Tensor | None = None,
+                   **inputs):
     """``(sum of token cross-entropies, number of supervised tokens)`` for a causal LM.
 
     Labels are shifted inside: position t predicts token t+1, as in transformers.
     ``inputs`` (attention_mask, position_ids) go to the decoder unchanged. ``chunk``: rows
-    projected at once (default: ``CHUNK_ELEMENTS`` logits).
+    projected at once (default: ``CHUNK_ELEMENTS`` logits). ``row_sums`` (float32, one entry
+    per row of the batch), when given, receives each row's sum of token cross-entropies,
+    without gradient (the trainer's per-task losses of mixed batches).
     """
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
     head = model.get_output_embeddings()
@@ -72,17 +78,24 @@ def token_loss_sum(model, input_ids, labels, chunk: int | None = None, **inputs)
     h = hidden[:, :-1][keep]
     t = targets[keep]
     rows = chunk or max(1, CHUNK_ELEMENTS // head.out_features)
+    token_ce = None if row_sums is None else torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
     if _frozen_linear(head):
         if not torch.is_grad_enabled():
             h = h.detach()                # evaluation: no gradient computed in forward
-        return FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, t, rows), int(t.numel())
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, t.numel(), rows):
-        hs, ts = h[start:start + rows], t[start:start + rows]
-        if torch.is_grad_enabled() and hs.requires_grad:
-            total = total + checkpoint(_chunk_loss, hs, head, ts, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hs, head, ts)
+        total = FrozenHeadCrossEntropy.apply(h, head.weight, head.bias, t, rows, token_ce)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, t.numel(), rows):
+            hs, ts = h[start:start + rows], t[start:start + rows]
+            if torch.is_grad_enabled() and hs.requires_grad:
+                ce = checkpoint(_chunk_losses, hs, head, ts, use_reentrant=False)
+            else:
+                ce = _chunk_losses(hs, head, ts)
+            total = total + ce.sum()
+            if token_ce is not None:
+                token_ce[start:start + rows] = ce.detach()
+    if row_sums is not None:
+        row_sums.index_add_(0, keep.nonzero()[:, 0].to(row_sums.device), token_ce.to(row_sums.device))
     return total, int(t.numel())
 
 

@@ -5,8 +5,11 @@ a mini-batch of every task, and the objective is ``Σ_t w_t · L_t``.
 and each task's data position ``[epoch, index]`` in that task's own seeded order
 (``EncodedBatches.of_task``), which checkpoints keep so a resumed run draws the same batches.
 The trainer (``core/train/trainer.py``, ``_task_step``) computes the losses.
+:class:`MixedTaskLosses` measures the same ``L_t`` in mixed batches (``--task-sampling mixed``).
 """
 import math
+
+import torch
 
 from qpeft.core.base.errors import QpeftError
 from qpeft.core.settings.config import task_weight_values
@@ -52,3 +55,42 @@ class TaskSampler:
         for task, (epoch, index) in (state or {}).items():
             if task in self.positions:
                 self.positions[task] = [int(epoch), int(index)]
+
+
+class MixedTaskLosses:
+    """``task_loss/<task>`` of a mixed step (the default ``--task-sampling mixed``): each task's
+    token mean over its rows of the step, all micro-batches and processes — the same L_t the
+    per-task objective sums, measured here only (the objective stays the step's token mean).
+    A task with no supervised token in the step is not logged that step."""
+
+    def __init__(self, tasks: tuple):
+        self.tasks = tuple(tasks or ())
+        self.sums = {t: 0.0 for t in self.tasks}
+        self.counts = {t: 0 for t in self.tasks}
+        self._pending: list = []
+
+    def row_sums(self, batch: dict, row_tasks):
+        """A zero float32 tensor for ``token_loss_sum(row_sums=…)``, or None when nothing is
+        measured (data without tasks)."""
+        if not self.tasks or row_tasks is None:
+            return None
+        out = torch.zeros(batch["labels"].shape[0], dtype=torch.float32)
+        supervised = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+        self._pending.append((out, row_tasks, supervised))
+        return out
+
+    def logged(self, dist) -> dict:
+        """The step's ``{"task_loss/<task>": L_t}``, summed over the processes (every process
+        calls this with the same tasks, in the same order)."""
+        for out, row_tasks, supervised in self._pending:
+            for value, task, n in zip(out.tolist(), row_tasks, supervised):
+                if task is not None:
+                    self.sums[task] += value
+                    self.counts[task] += n
+        logged = {}
+        for task in self.tasks:
+            n = dist.sum_int(self.counts[task])
+            total = dist.sum_float(self.sums[task])
+            if n:
+                logged[f"task_loss/{task}"] = total / n
+        return logged

@@ -34,7 +34,7 @@ from qpeft.core.train.loss_log import LossLog
 from qpeft.core.train.optim import apply_settings, build_optimizer, build_schedule
 from qpeft.core.train.hooks import TrainFacts, TrainHooks
 from qpeft.core.train.signals import Interrupted
-from qpeft.core.train.task_sampling import TaskSampler
+from qpeft.core.train.task_sampling import MixedTaskLosses, TaskSampler
 
 
 class TrainingError(QpeftError):
@@ -229,14 +229,15 @@ class Trainer:
         if total == 0:
             raise TrainingError(f"step {self.step + 1} has no supervised tokens; check --max-length "
                                 "and that responses are not truncated away")
-        loss_sum = 0.0
+        loss_sum, by_task = 0.0, MixedTaskLosses(getattr(self.batches, "tasks", ()))
         for batch, tasks in micro_batches:
-            s, n = self._forward(batch, tasks)
+            s, n = self._forward(batch, tasks, by_task.row_sums(batch, tasks))
             # world × mean: all-reduce averages; an extra term weighs as this micro-batch's mean s/n
             weight = n / total * self.dist.world
             self.hooks.add_extra(s / total * self.dist.world, self.model, self.step, weight, n).backward()
             loss_sum += s.item()
         loss = self.dist.sum_float(loss_sum) / total
+        self.task_losses = by_task.logged(self.dist)
         self.extra = self.hooks.extra_logged(total, self.dist.sum_float)
         self._apply_gradients(loss)
         return loss, seen
@@ -274,13 +275,14 @@ class Trainer:
         return self.dist.sum_int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                                      else b["input_ids"].numel() for b, _ in micro_batches))
 
-    def _forward(self, batch: dict, tasks):
-        """``(Σ token CE, supervised tokens)`` of one micro-batch, its tasks told to the plugins first."""
+    def _forward(self, batch: dict, tasks, row_sums=None):
+        """``(Σ token CE, supervised tokens)`` of one micro-batch, its tasks told to the plugins
+        first; ``row_sums`` receives each row's Σ token CE (see :class:`MixedTaskLosses`)."""
         if self.hooks.routes:
             self.hooks.batch(self.model, tasks, self.step)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with memory.autocast(self.device, self.model):
-            return token_loss_sum(self.model, **batch)
+            return token_loss_sum(self.model, row_sums=row_sums, **batch)
 
     def _apply_gradients(self, loss: float) -> None:
         """All-reduce, clip, ``on_gradients``, the optimizer and schedule steps, ``on_step_end``."""
