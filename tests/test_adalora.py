@@ -179,21 +179,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tiny_dir, tmp_pat
 def test_two_gloo_processes_prune_the_same_triplets(tmp_path):
     """AdaLoRA's scores come from gradients taken after the all-reduce: both ranks keep the
     same triplets (and hold the same adapter), as one process does."""
-    from pathlib import Path
+    from dist_worker import one_and_two
 
-    from safetensors.torch import load_file
-
-    worker, spec = Path(__file__).with_name("dist_worker.py"), "adalora:init_r=4:target_r=2:dropout=0"
-    env = {**ENV, "STEPS": "10"}
-    single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one"), spec], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29519", str(worker), str(tmp_path / "two"), spec], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
-    one = load_file(tmp_path / "one" / "adapter-rank0.safetensors")
-    ranks = [load_file(tmp_path / "two" / f"adapter-rank{r}.safetensors") for r in (0, 1)]
+    one, ranks = one_and_two(tmp_path, "adalora:init_r=4:target_r=2:dropout=0", 29519, STEPS="10")
     kept = [k for k in one if k.startswith("kept.")]
     assert len(kept) == 14 and sum(int(one[k].sum()) for k in kept) == 2 * 14     # pruned to target_r
     for key in one:

@@ -117,19 +117,9 @@ def test_a_run_calibrates_once_and_resumes_without_data(tiny_dir, tmp_path):
 
 def test_two_gloo_processes_start_from_rank_0s_calibration(tmp_path):
     """Each rank is given other data; after the calibration stage both hold rank 0's init."""
-    from safetensors.torch import load_file
+    from dist_worker import one_and_two
 
-    worker, spec = Path(__file__).with_name("dist_worker.py"), "lora:r=4:alpha=8:dropout=0+eva:calibration_batches=2"
-    env = {**ENV, "STEPS": "2"}
-    single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one"), spec], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29523", str(worker), str(tmp_path / "two"), spec], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
-    one = load_file(tmp_path / "one" / "adapter-rank0.safetensors")
-    ranks = [load_file(tmp_path / "two" / f"adapter-rank{r}.safetensors") for r in (0, 1)]
+    one, ranks = one_and_two(tmp_path, "lora:r=4:alpha=8:dropout=0+eva:calibration_batches=2", 29523, STEPS="2")
     initial = [k for k in one if k.startswith("initial.")]
     assert len(initial) == 14
     for key in initial:

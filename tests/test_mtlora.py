@@ -210,3 +210,26 @@ def test_a_per_task_run_over_hqq_killed_with_sigkill_resumes_to_the_same_adapter
     assert [r["step"] for r in rows[1]] == list(range(1, 9))
     losses = [[{k: v for k, v in r.items() if "loss" in k and k != "eval_loss"} for r in run] for run in rows]
     assert losses[0] == losses[1] and "task_loss/sequence" in losses[0][-1]
+
+
+def test_two_gloo_processes_train_every_task_as_one_does(tmp_path):
+    """--task-sampling per-task under torchrun: each process draws rows of the same task, so
+    every task's tensors get a gradient everywhere; both ranks hold one process's adapter and
+    log its per-task losses."""
+    from dist_worker import one_and_two
+
+    spec = "mtlora:r=4:task_r=2:tasks=alert,conversion,decimal,sequence,threshold:dropout=0"
+    one, ranks = one_and_two(tmp_path, spec, 29527, STEPS="3", TASK_SAMPLING="per-task")
+    assert len(one) > 0 and all(r.keys() == one.keys() for r in ranks)
+    assert sum(key.endswith("task_B.4") for key in one) == 14     # the fifth task's B, in every layer
+    for key in one:
+        assert ranks[1][key].equal(ranks[0][key]), key
+        torch.testing.assert_close(ranks[0][key], one[key], rtol=0, atol=1e-5)
+    logged = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    for alone, shared in zip(*logged):
+        assert {k for k in alone if k.startswith("task_loss/")} == {
+            f"task_loss/{t}" for t in ("alert", "conversion", "decimal", "sequence", "threshold")}
+        for key in alone:
+            if key.startswith(("task_loss/", "loss")) and key != "loss_ema":
+                assert shared[key] == pytest.approx(alone[key], rel=1e-5), key

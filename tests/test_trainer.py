@@ -121,23 +121,21 @@ class Poison:
 
 
 def test_two_gloo_processes_are_identical_and_equal_one(tokenizer, tmp_path):
-    worker = Path(__file__).with_name("dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29517", str(worker), str(tmp_path / "two")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
-    from safetensors.torch import load_file
+    from dist_worker import one_and_two
 
-    one = load_file(tmp_path / "one" / "adapter-rank0.safetensors")
-    ranks = [load_file(tmp_path / "two" / f"adapter-rank{r}.safetensors") for r in (0, 1)]
+    one, ranks = one_and_two(tmp_path, "lora:r=4:alpha=8:dropout=0", 29517)
     assert len(one) > 0 and all(r.keys() == one.keys() for r in ranks)
     for key in one:   # rank 1 started from another init: broadcast made it rank 0's
         assert ranks[1][key].equal(ranks[0][key]), key
         torch.testing.assert_close(ranks[0][key], one[key], rtol=0, atol=1e-5)
+    logged = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(logged[0]) == len(logged[1]) == 4
+    for alone, shared in zip(*logged):     # the bundled tasks' mixed-batch losses, summed over ranks
+        tasks = [k for k in alone if k.startswith("task_loss/")]
+        assert tasks and tasks == [k for k in shared if k.startswith("task_loss/")]
+        for key in ["loss", *tasks]:
+            assert shared[key] == pytest.approx(alone[key], rel=1e-5), key
 
 
 @pytest.mark.parametrize("size", [1, 3, 4, 7, 20, 21, 50])
