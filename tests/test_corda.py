@@ -1,7 +1,8 @@
 """CorDA (plugins/adapters/corda.py) on the calibration hook, against PEFT 0.21's
 ``preprocess_corda`` + ``init_lora_weights="corda"``: the same A, B and base for the same
 batches (ipm and kpm, with dora and rslora), logits equal; the saved adapter rebuilds the base
-from W with no data, over none and nf4, where the quantization error is recorded."""
+from W with no data, over none and nf4, where the quantization error is recorded. PEFT loading
+the saved adapter (a rank-2r LoRA over the original base): tests/test_peft_conversion.py."""
 import copy
 
 import pytest
@@ -103,14 +104,6 @@ def test_the_saved_adapter_rebuilds_the_base_without_data_over_nf4(reference, ba
     with pytest.raises(QpeftError, match="already rewritten from another calibration"):
         composition.method.load(adapt(reference, "lora:r=4:alpha=8+corda:calibration_batches=2", quantizer="nf4")[0],
                                 tmp_path)
-
-
-def test_peft_refuses_the_rewritten_base_rather_than_loading_another_model(reference, batches, tmp_path):
-    ours, composition = adapt(reference, "lora:r=4:alpha=8+corda:calibration_batches=2", calibration=batches)
-    composition.method.save(ours, tmp_path)
-    assert composition.parts[-1].peft_note
-    with pytest.raises(ValueError, match="preprocess_corda"):
-        peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
 
 
 def test_bad_options_and_other_updates_are_one_line(reference, batches):

@@ -88,6 +88,16 @@ class Adapter(Plugin):
         changed in place) — rsLoRA sets ``use_rslora``. Default: none. (A method writes the
         whole config with its own ``peft_config(model) -> dict``.)"""
 
+    def peft_tensors(self, layer, tensors: dict) -> dict:
+        """The tensors PEFT's ``adapter_model.safetensors`` holds for ``layer`` (an adapter
+        layer), given ``tensors`` (its own under PEFT's key suffixes, or what an earlier part
+        returned). Return ``tensors`` itself to change nothing (the default), or a new dict:
+        an init that rewrote the base returns an equivalent adapter over the original base
+        (CorDA, LoRA-GA: ``[B, −B₀]·[A; A₀]``, rank 2r). A LoRA layer written with another
+        rank keeps its scaling in the config (r, lora_alpha or their patterns), and qpeft keeps
+        the layer's own tensors in ``qpeft_adapter.safetensors``, which it loads from."""
+        return tensors
+
     # -- optional lifecycle hooks of a method (the defaults do nothing) ---------------
     def report_variants(self, model) -> dict:
         """Extra evaluations after training, ``{label: apply}``: the run report calls each

@@ -9,14 +9,19 @@ A saved adapter directory holds::
                                   base_model.model.<module path>.ia3_l                   (IA³)
     qpeft_adapter.json          what PEFT does not know: the spec, each part's options,
                                 the quantizer and base model, the qpeft version
+    qpeft_adapter.safetensors   only where a part's ``peft_tensors`` hook wrote PEFT's file
+                                otherwise (CorDA's rank-2r form): the layers' own tensors,
+                                which qpeft loads from
 
 so ``PeftModel.from_pretrained(base_model, directory)`` reproduces the adapted model on
 the unquantized base, and :func:`load_adapter` reproduces it exactly on a quantized one.
 This module starts with ``_``: it is a helper, not a plugin.
 """
+import collections
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +33,7 @@ from qpeft.core.base.version import __version__
 
 CONFIG, WEIGHTS, MANIFEST = "adapter_config.json", "adapter_model.safetensors", "qpeft_adapter.json"
 CALIBRATION = "qpeft_calibration.safetensors"   # what calibrating parts (EVA…) computed from data
+OWN = "qpeft_adapter.safetensors"   # the layers' own tensors, where a peft_tensors hook changed PEFT's file
 PREFIX = "base_model.model."
 # Fields every PEFT config accepts; the method adds its own (LoRA.peft_config, IA3.peft_config).
 COMMON = {"task_type": "CAUSAL_LM", "fan_in_fan_out": False, "inference_mode": True,
@@ -74,17 +80,17 @@ def save(model, directory, config: dict, parts: list, meta: dict, calibration: d
     layers = adapter_layers(model)
     if not layers:
         raise QpeftError("the model has no adapter attached; nothing to save")
-    tensors = {f"{PREFIX}{name}.{key}": t.detach().cpu().contiguous()
-               for name, layer in layers.items() for key, t in layer.adapter_tensors().items()
-               if t.numel() or getattr(layer, "r", 1)}   # a layer EVA left at rank 0 saves nothing
+    own, tensors, changed = layer_tensors(layers, parts)
+    config = keep_scaling(config, tensors, _ranks(own, tensors, changed))
     files = {CONFIG: {**COMMON, "base_model_name_or_path": meta.get("base_model"), **config},
              MANIFEST: manifest(parts, meta, rewritten=any(
-                 getattr(layer, "base_rewritten", False) for layer in layers.values()))}
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+                 getattr(layer, "base_rewritten", False) for name, layer in layers.items() if name not in changed))}
+    weights = {WEIGHTS: tensors, OWN: own if changed else {}, CALIBRATION: flat_calibration(calibration or {})}
+    nbytes = sum(t.numel() * t.element_size() for group in weights.values() for t in group.values())
     staged = directory.with_name(f".{directory.name}.new-{os.getpid()}")
     aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     try:
-        _write_all(staged, tensors, files, flat_calibration(calibration or {}))
+        _write_all(staged, weights, files)
         if directory.exists():
             os.replace(directory, aside)
         os.replace(staged, directory)
@@ -101,17 +107,72 @@ def save(model, directory, config: dict, parts: list, meta: dict, calibration: d
     return directory
 
 
-def _write_all(staged: Path, tensors: dict, files: dict, calibration: dict) -> None:
+def layer_tensors(layers: dict, parts: list) -> tuple[dict, dict, set]:
+    """``(own, written, changed)``: every layer's tensors under PEFT's file keys as the layer
+    holds them, as PEFT's file holds them after each part's ``peft_tensors`` hook (the same
+    tensors where no hook changed them), and the names of the layers a hook changed."""
+    own, written, changed = {}, {}, set()
+    for name, layer in layers.items():
+        mine = {key: t for key, t in layer.adapter_tensors().items()
+                if t.numel() or getattr(layer, "r", 1)}   # a layer EVA left at rank 0 saves nothing
+        theirs = mine
+        for part in parts:
+            theirs = part.peft_tensors(layer, theirs)
+        held = {f"{PREFIX}{name}.{key}": t.detach().cpu().contiguous() for key, t in mine.items()}
+        own.update(held)
+        if theirs is mine:
+            written.update(held)
+        else:
+            changed.add(name)
+            written.update({f"{PREFIX}{name}.{key}": t.detach().cpu().contiguous() for key, t in theirs.items()})
+    return own, written, changed
+
+
+def _ranks(own: dict, written: dict, changed: set) -> dict:
+    """``{layer: rank}`` of the changed layers whose lora_A PEFT's file holds at another rank."""
+    keys = {name: f"{PREFIX}{name}.lora_A.weight" for name in changed}
+    return {name: written[key].shape[0] for name, key in keys.items()
+            if key in written and key in own and written[key].shape[0] != own[key].shape[0]}
+
+
+def keep_scaling(config: dict, written: dict, ranks: dict) -> dict:
+    """A LoRA ``config`` whose layers in ``ranks`` (``{name: new rank}``) have that rank and an α
+    that keeps PEFT's scaling (α/r; α/√r with ``use_rslora``): α·r'/r (α·√(r'/r)), exact for
+    r' = 2r. The most common (r, α) of the layers in ``written`` becomes ``r``/``lora_alpha``, the
+    others go to ``rank_pattern``/``alpha_pattern`` (their keys: the full module names, as
+    ``LowRankMethod.peft_config`` writes them)."""
+    if not ranks:
+        return config
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    names = sorted({key[len(PREFIX):-len(".lora_A.weight")] for key in written if key.endswith(".lora_A.weight")})
+    each = {name: (rank_pattern.get(name, config["r"]), alpha_pattern.get(name, config["lora_alpha"]))
+            for name in names}
+    for name, rank in ranks.items():
+        r, alpha = each[name]
+        factor = rank / r
+        each[name] = rank, alpha * (math.sqrt(factor) if config.get("use_rslora") else factor)
+    (r, alpha), _ = collections.Counter(each.values()).most_common(1)[0]
+    out = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    out.update(r=r, lora_alpha=alpha)
+    ranks_left = {name: each[name][0] for name in names if each[name][0] != r}
+    alphas_left = {name: each[name][1] for name in names if each[name][1] != alpha}
+    if ranks_left or alphas_left:
+        out.update(rank_pattern=ranks_left, alpha_pattern=alphas_left)
+    return out
+
+
+def _write_all(staged: Path, weights: dict, files: dict) -> None:
+    """``weights``: ``{file name: tensors}`` (an empty one is not written), ``files``: JSON files."""
     from safetensors.torch import save_file
 
     shutil.rmtree(staged, ignore_errors=True)
     staged.parent.mkdir(parents=True, exist_ok=True)
     staged.mkdir()
-    save_file(tensors, str(staged / WEIGHTS), metadata={"format": "pt"})
-    written = [WEIGHTS, *files]
-    if calibration:
-        save_file(calibration, str(staged / CALIBRATION), metadata={"format": "pt"})
-        written.append(CALIBRATION)
+    written = [*files]
+    for name, tensors in weights.items():
+        if tensors or name == WEIGHTS:
+            save_file(tensors, str(staged / name), metadata={"format": "pt"})
+            written.append(name)
     for name, data in files.items():
         _write(staged / name, data)
     for name in written:
@@ -215,11 +276,14 @@ def read_tensors(path: Path) -> dict:
 
 
 def load_tensors(model, directory) -> None:
-    """Copy the tensors of ``adapter_model.safetensors`` into the model's adapter layers,
-    each checked against the layer's own shape first."""
+    """Copy the saved tensors into the model's adapter layers, each checked against the
+    layer's own shape first: ``qpeft_adapter.safetensors`` where a ``peft_tensors`` hook wrote
+    PEFT's file otherwise, else ``adapter_model.safetensors``."""
     from qpeft.core.kinds.adapter_layers import TensorShapeError, adapter_layers
 
-    path = Path(directory) / WEIGHTS
+    path = Path(directory) / OWN
+    if not path.is_file():
+        path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise QpeftError(f"no {WEIGHTS} in {directory}; is it a saved adapter?")
     saved = read_tensors(path)

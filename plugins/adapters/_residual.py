@@ -3,6 +3,10 @@
 
     A ← A₀     B ← B₀     base ← quant(W − s·B₀·A₀)     (W: the layer's full-precision weight)
 
+and the adapter written for PEFT over the original base: after training, W' + s·B·A =
+W + s·(B·A − B₀·A₀) = W + s·[B, −B₀]·[A; A₀], a plain LoRA of rank 2r with the same scaling
+(PEFT 0.21's ``path_initial_model_for_weight_conversion``, ``LoraModel.subtract_mutated_init``).
+
 A private module of the plugins package, not a plugin."""
 import torch
 
@@ -50,3 +54,16 @@ def apply(model, state: dict, who: str) -> None:
             layer.base.source_weight = None
             layer.calibrated_init = (a0, b0)
         layer.finish_init()      # DoRA: m = ‖W' + s·B·A‖ of the rewritten base
+
+
+def converted(layer, tensors: dict) -> dict:
+    """PEFT's tensors of a layer whose base this init rewrote: lora_A ← [A; A₀], lora_B ← [B, −B₀]
+    (rank 2r, exact over the original W; DoRA's magnitude as it is, since W' + s·B·A is the same
+    weight). A₀, B₀ in the adapter dtype, as the rewrite used them. A layer not rewritten
+    (no calibration applied yet) is written as it is."""
+    done = getattr(layer, "calibrated_init", None)
+    if done is None or not layer.base_rewritten:
+        return tensors
+    a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+    a0, b0 = (t.to(a.device, a.dtype) for t in done)
+    return {**tensors, "lora_A.weight": torch.cat([a, a0]), "lora_B.weight": torch.cat([b, -b0], dim=1)}

@@ -15,7 +15,9 @@ the original (§3.2, Eq. 3–5). The steps follow PEFT 0.21's ``peft.tuners.lora
     base ← quant(W − s·B·A)            (W: the full-precision weight; the residual is quantized)
 
 The result (A₀, B₀ of every layer) is saved with the adapter, so ``--resume``, ``qpeft eval`` and
-``--init-adapter`` rebuild the init from W without data (plugins/adapters/_residual.py).
+``--init-adapter`` rebuild the init from W without data (plugins/adapters/_residual.py). PEFT's
+files hold the trained adapter as a plain rank-2r LoRA over the original W, [B, −B₀]·[A; A₀]
+(PEFT's own conversion, ``path_initial_model_for_weight_conversion``).
 
     lora+corda      lora+corda:mode=kpm      dora+corda:calibration_batches=16      lora+corda+rslora
 """
@@ -52,9 +54,10 @@ class CorDA(Adapter):
     modifies = "init"
     needs_source_weights = True
     Options = CorDAOptions
-    peft_note = ("CorDA moved part of W into B·A and quantized the residual: PEFT can rebuild that base only from "
-                 "its own calibration run (preprocess_corda); load the adapter with qpeft (qpeft eval, "
-                 "qpeft.load_adapter), which rebuilds it without data, or ship the merged model: qpeft export RUN --merge")
+    peft_note = ("CorDA rewrote the base to quant(W − s·B₀·A₀): the PEFT files hold the equivalent rank-2r LoRA "
+                 "[B, −B₀]·[A; A₀] over the original W, exact over a full-precision base; over a quantized one "
+                 "PEFT's Q(W) + ΔW is not qpeft's Q(W − s·B₀·A₀) + s·B·A (see docs/adapters.md, CorDA): load it "
+                 "with qpeft (qpeft eval, qpeft.load_adapter) or ship the merged model: qpeft export RUN --merge")
 
     def initialize(self, layer, scaling: float) -> None:
         """Nothing at attach but a check: the decomposition comes in :meth:`apply_calibration`."""
@@ -117,10 +120,11 @@ class CorDA(Adapter):
         root = (s[keep] / scaling).sqrt()
         return v[:, keep].t() * root[:, None], u[:, keep] * root
 
-    def update_peft_config(self, config: dict) -> None:
-        """PEFT's name for the init: its loader then asks for its own calibration (preprocess_corda)
-        instead of loading B·A over the original base, which would be another model."""
-        config["init_lora_weights"] = "corda"
+    def peft_tensors(self, layer, tensors: dict) -> dict:
+        """For PEFT: the rank-2r LoRA [B, −B₀]·[A; A₀] over the original W, which PEFT loads as a plain
+        LoRA (``init_lora_weights: true``) to the same model, rather than ``"corda"``, which its loader
+        cannot rerun without data."""
+        return _residual.converted(layer, tensors)
 
     def apply_calibration(self, model, state: dict) -> None:
         """A ← A₀, B ← B₀, base ← quant(W − s·B₀·A₀) (Eq. 5), from the saved state, without data."""

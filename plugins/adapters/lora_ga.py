@@ -18,7 +18,8 @@ W − s·B·A, so the model starts equal to the original (§3.3). The steps foll
 The gradient is that of the model being trained (the quantized base with B = 0), taken in the
 mode calibration runs in (eval: no dropout). The result (A₀, B₀ of every layer) is saved with
 the adapter, so ``--resume``, ``qpeft eval`` and ``--init-adapter`` rebuild the init from W
-without data (plugins/adapters/_residual.py).
+without data (plugins/adapters/_residual.py). PEFT's files hold the trained adapter as a plain
+rank-2r LoRA over the original W, [B, −B₀]·[A; A₀] (PEFT's ``path_initial_model_for_weight_conversion``).
 
     lora+lora-ga      lora+lora-ga:direction=A2rBr:scale=unit      dora+lora-ga      lora+lora-ga+rslora
 """
@@ -63,9 +64,10 @@ class LoRAGA(Adapter):
     modifies = "init"
     needs_source_weights = True
     Options = LoRAGAOptions
-    peft_note = ("LoRA-GA moved s·B₀·A₀ out of the base and quantized the residual: PEFT loads the adapter over "
-                 "the original base without that rewrite; load it with qpeft (qpeft eval, qpeft.load_adapter), "
-                 "which rebuilds the base without data, or ship the merged model: qpeft export RUN --merge")
+    peft_note = ("LoRA-GA rewrote the base to quant(W − s·B₀·A₀): the PEFT files hold the equivalent rank-2r LoRA "
+                 "[B, −B₀]·[A; A₀] over the original W, exact over a full-precision base; over a quantized one "
+                 "PEFT's Q(W) + ΔW is not qpeft's Q(W − s·B₀·A₀) + s·B·A (see docs/adapters.md, LoRA-GA): load "
+                 "it with qpeft (qpeft eval, qpeft.load_adapter) or ship the merged model: qpeft export RUN --merge")
 
     def initialize(self, layer, scaling: float) -> None:
         """Nothing at attach but checks: A, B come in :meth:`apply_calibration`."""
@@ -135,8 +137,10 @@ class LoRAGA(Adapter):
             a, b = a / scaling, b / scaling
         return a.contiguous(), b.contiguous()
 
-    def update_peft_config(self, config: dict) -> None:
-        config["init_lora_weights"] = "lora_ga"
+    def peft_tensors(self, layer, tensors: dict) -> dict:
+        """For PEFT: the rank-2r LoRA [B, −B₀]·[A; A₀] over the original W (``init_lora_weights:
+        true``), rather than ``"lora_ga"``, which PEFT's loader skips, adding B·A to the unrewritten W."""
+        return _residual.converted(layer, tensors)
 
     def apply_calibration(self, model, state: dict) -> None:
         """A ← A₀, B ← B₀, base ← quant(W − s·B₀·A₀), from the saved state, without data."""
