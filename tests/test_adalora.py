@@ -3,11 +3,6 @@ tensors and batches give the same losses, masks and logits; adapters cross both 
 budget schedule is PEFT's; a run killed with SIGKILL resumes to the same adapter."""
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -139,34 +134,13 @@ def test_modifiers_and_bad_ranks_are_refused(reference):
         adapt(reference, "adalora:init_r=4:target_r=9")
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def run(tiny_dir, out, name, *extra):
-    cmd = [sys.executable, "-m", "qpeft", "run", "--model", str(tiny_dir), "--quant", "nf4", "--adapter",
-           "adalora:init_r=4:target_r=2", "--evaluators", "perplexity", "--eval-limit", "2", "--batch-size", "2",
-           "--steps", "24", "--log-every", "1", "--save-every", "4", "--output-dir", str(out), "--name", name, *extra]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
+    from killed_run import killed_and_straight
 
-    straight = run(tiny_dir, tmp_path, "straight")
-    killed = run(tiny_dir, tmp_path, "killed")
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not (checkpoints / "step-000008" / "COMPLETE").is_file():
-        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[1][-2000:]
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-2000:]
-    resumed = subprocess.run([sys.executable, "-m", "qpeft", "run", "--resume", str(tmp_path / "killed")],
-                             env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    flags = ["--model", str(tiny_dir), "--quant", "nf4", "--adapter", "adalora:init_r=4:target_r=2",
+             "--evaluators", "perplexity", "--eval-limit", "2", "--batch-size", "2", "--steps", "24",
+             "--log-every", "1", "--save-every", "4"]
+    a, b = killed_and_straight(tmp_path, flags, kill_after_step=8)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     config = json.loads((tmp_path / "killed" / "adapter" / "adapter_config.json").read_text())
     assert config["total_step"] == 24 and config["rank_pattern"]

@@ -2,11 +2,6 @@
 per-task mini-batches and losses, qpeft eval/export --task, exact resume after SIGKILL."""
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -174,35 +169,15 @@ def test_tasks_flags_are_checked_before_the_model_loads(tiny_dir, tmp_path):
         settings(tmp_path, tiny_dir, task_sampling="mixed")
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def start(tiny_dir, out, name):
-    cmd = [sys.executable, "-m", "qpeft", "run", "--model", str(tiny_dir), "--quant", "hqq", "--adapter",
-           "mtlora:r=2:task_r=2", "--task-sampling", "per-task", "--task-weights", "sequence=0.5",
-           "--evaluators", "perplexity", "--eval-limit", "2", "--batch-size", "2", "--steps", "8",
-           "--log-every", "1", "--save-every", "4", "--output-dir", str(out), "--name", name]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_a_per_task_run_over_hqq_killed_with_sigkill_resumes_to_the_same_adapter(tiny_dir, tmp_path):
     """Per-task positions, RNG and weights come back from the step-4 checkpoint: the same
     adapter and the same per-task losses as a run never stopped."""
-    from safetensors.torch import load_file
+    from killed_run import killed_and_straight
 
-    straight, killed = start(tiny_dir, tmp_path, "straight"), start(tiny_dir, tmp_path, "killed")
-    checkpoints, deadline = tmp_path / "killed" / "checkpoints", time.monotonic() + 240
-    while not (checkpoints / "step-000004" / "COMPLETE").is_file():
-        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[1][-2000:]
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-2000:]
-    resumed = subprocess.run([sys.executable, "-m", "qpeft", "run", "--resume", str(tmp_path / "killed")],
-                             env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    flags = ["--model", str(tiny_dir), "--quant", "hqq", "--adapter", "mtlora:r=2:task_r=2", "--task-sampling",
+             "per-task", "--task-weights", "sequence=0.5", "--evaluators", "perplexity", "--eval-limit", "2",
+             "--batch-size", "2", "--steps", "8", "--log-every", "1", "--save-every", "4"]
+    a, b = killed_and_straight(tmp_path, flags, kill_after_step=4)
     assert len(a) == 14 * (2 + 2 * 5) and a.keys() == b.keys()       # 14 layers: shared A, B + 5 tasks' A, B
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -1,9 +1,5 @@
 """The training loop: loss falls, chunked loss equals the full one, resume is exact, DDP = 1 process."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
