@@ -56,8 +56,9 @@ class CorDA(Adapter):
     Options = CorDAOptions
     peft_note = ("CorDA rewrote the base to quant(W − s·B₀·A₀): the PEFT files hold the equivalent rank-2r LoRA "
                  "[B, −B₀]·[A; A₀] over the original W, exact over a full-precision base; over a quantized one "
-                 "PEFT's Q(W) + ΔW is not qpeft's Q(W − s·B₀·A₀) + s·B·A (see docs/adapters.md, CorDA): load it "
-                 "with qpeft (qpeft eval, qpeft.load_adapter) or ship the merged model: qpeft export RUN --merge")
+                 "PEFT adds it to quant(W), another model (+24 % perplexity over nf4 on SmolLM2-135M, docs/adapters.md): "
+                 "there load it with qpeft (qpeft eval, qpeft.load_adapter) or ship the merged model: qpeft export "
+                 "RUN --merge")
 
     def initialize(self, layer, scaling: float) -> None:
         """Nothing at attach but a check: the decomposition comes in :meth:`apply_calibration`."""
