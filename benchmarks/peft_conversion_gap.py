@@ -1,22 +1,29 @@
-"""What a PEFT user gets from a CorDA or LoRA-GA adapter trained over nf4 (issue 19, item 4).
+"""What a PEFT user gets from an adapter whose init rewrote the base, trained over nf4 (issue 19, item 4).
 
-qpeft serves quant(W − s·B₀·A₀) + s·B·A; the PEFT files hold the rank-2r LoRA ΔW = s·(B·A − B₀·A₀)
-over the original W, exact over a full-precision base, but over a quantized one PEFT adds ΔW to
-quant(W), which is not quant(W − s·B₀·A₀) + s·B₀·A₀. For each init the adapter is calibrated and
-trained (AdamW, seeded) over qpeft's nf4 (compute dtype float32), saved, and loaded four ways:
+CorDA, LoRA-GA and PiSSA with ``niter`` > 0: qpeft serves quant(W − s·B₀·A₀) + s·B·A; the PEFT files
+hold the rank-2r LoRA ΔW = s·(B·A − B₀·A₀) over the original W, exact over a full-precision base, but
+over a quantized one PEFT adds ΔW to quant(W), which is not quant(W − s·B₀·A₀) + s·B₀·A₀. PiSSA
+(exact SVD) and OLoRA write ``init_lora_weights: "pissa"``/``"olora"`` and a rank-r file: PEFT reruns
+the init on whatever base it is given (PiSSA refuses a bitsandbytes one). LoftQ writes a plain LoRA:
+PEFT adds s·B·A to the base it is given. For each init the adapter is (calibrated and) trained
+(AdamW, seeded) over qpeft's nf4 (compute dtype float32), saved, and loaded four ways:
 
     qpeft      qpeft.load_adapter over nf4: the rewritten base rebuilt (what qpeft eval serves)
-    fp32       PeftModel.from_pretrained over the float32 original: W + ΔW
-    nf4+ΔW     the two PEFT files imported into qpeft over its nf4 of W: quant(W) + ΔW
-    bnb+ΔW     PeftModel.from_pretrained over transformers + bitsandbytes nf4 (float32 compute)
+    fp32       PeftModel.from_pretrained over the float32 original
+    nf4+PEFT   the two PEFT files alone imported into qpeft over its nf4 of W (no source weights kept)
+    bnb        PeftModel.from_pretrained over transformers + bitsandbytes nf4 (float32 compute,
+               double quantization as qpeft's nf4 unless --no-bnb-double-quant)
 
 Each row: perplexity on held-out tokens, max |Δlogit| / max |logit| and mean KL against qpeft's.
 
     python benchmarks/peft_conversion_gap.py                      # tiny random model, seconds
     python benchmarks/peft_conversion_gap.py --model embedded     # SmolLM2-135M-Instruct, text batches
+    python benchmarks/peft_conversion_gap.py --inits "pissa;pissa:niter=4;olora;loftq"
 """
 import argparse
 import copy
+import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -60,10 +67,11 @@ def compare(ours, other, held) -> dict:
     return {"ppl": perplexity(other, held), "rel_logit": worst, "kl": kl / n}
 
 
-def bnb_base(saved: Path):
+def bnb_base(saved: Path, double_quant: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_use_double_quant=double_quant)
     return AutoModelForCausalLM.from_pretrained(saved, quantization_config=config, device_map="cpu",
                                                 torch_dtype=torch.float32)
 
@@ -76,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-bnb", action="store_true", help="skip transformers + bitsandbytes")
+    parser.add_argument("--bnb-double-quant", action=argparse.BooleanOptionalAction, default=True,
+                        help="bitsandbytes' double quantization, as qpeft's nf4 (default: on)")
     args = parser.parse_args(argv)
     import peft
 
@@ -100,7 +110,9 @@ def main(argv=None) -> int:
     print(f"{args.model}: original float32 ppl {perplexity(reference, held):.4f}", flush=True)
     quant = "nf4:compute_dtype=float32"
     for init in args.inits.split(";"):
-        spec = f"lora:r={args.r}:alpha={2 * args.r}:dropout=0+{init}:calibration_batches={len(calibration)}"
+        spec = f"lora:r={args.r}:alpha={2 * args.r}:dropout=0+{init}"
+        if any(f.name == "calibration_batches" for f in dataclasses.fields(default().get("adapter", init.split(":")[0]).Options)):
+            spec += f":calibration_batches={len(calibration)}"
         ours, composition = adapt(reference, spec, quantizer=quant, calibration=calibration)
         train(ours, calibration, args.steps, args.lr)
         saved, files = work / init.replace(":", "_"), work / (init.replace(":", "_") + "-peft")
@@ -114,13 +126,20 @@ def main(argv=None) -> int:
         plain = copy.deepcopy(reference)
         build_plugin("quantizer", quant, default()).quantize_model(plain)
         load_adapter(plain, files)
-        rows = {"qpeft": again, "fp32": peft.PeftModel.from_pretrained(copy.deepcopy(reference), files),
-                "nf4+ΔW": plain}
+        config = json.loads((files / "adapter_config.json").read_text())
+        print(f"{init}: init_lora_weights {config['init_lora_weights']!r}, r {config['r']}", flush=True)
+        rows = {"qpeft": lambda: again, "fp32": lambda: peft.PeftModel.from_pretrained(copy.deepcopy(reference), files),
+                "nf4+PEFT": lambda: plain}
         if not args.no_bnb:
-            rows["bnb+ΔW"] = peft.PeftModel.from_pretrained(bnb_base(work / "base"), files)
-        for label, model in rows.items():
+            rows["bnb"] = lambda: peft.PeftModel.from_pretrained(bnb_base(work / "base", args.bnb_double_quant), files)
+        for label, build in rows.items():
+            try:
+                model = build()
+            except Exception as e:   # PEFT refuses PiSSA over a bitsandbytes base
+                print(f"{init:16s} {label:8s} fails: {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+                continue
             m = compare(ours, model, held)
-            print(f"{init:16s} {label:7s} ppl {m['ppl']:10.4f}  max|Δlogit|/max|logit| {m['rel_logit']:.2e}  "
+            print(f"{init:16s} {label:8s} ppl {m['ppl']:10.4f}  max|Δlogit|/max|logit| {m['rel_logit']:.2e}  "
                   f"KL {m['kl']:.2e}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0

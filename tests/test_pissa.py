@@ -1,6 +1,7 @@
 """PiSSA (plugins/adapters/pissa.py) against PEFT 0.21's init_lora_weights="pissa": the same
-A, B (up to the sign of each singular pair) and base, logits equal at init and after reload in
-PEFT; over nf4 the residual quantizes with less error than W itself (QPiSSA, §4.4)."""
+A, B (up to the sign of each singular pair) and base, logits equal at init; qpeft reloads its
+saved adapter bit-exactly (PEFT's reload: tests/test_peft_conversion_inits.py); over nf4 the
+residual quantizes with less error than W itself (QPiSSA, §4.4)."""
 import copy
 import json
 
@@ -37,7 +38,8 @@ def test_init_equals_peft_and_starts_at_the_original_model(reference, batch, spe
 
 
 @pytest.mark.parametrize("niter", [0, 3])
-def test_the_saved_adapter_reloads_in_qpeft_exactly_and_in_peft(reference, batch, tmp_path, niter):
+def test_the_saved_adapter_reloads_in_qpeft_exactly(reference, batch, tmp_path, niter):
+    """PEFT's load of the same files: tests/test_peft_conversion_inits.py."""
     spec = f"lora:r=4:alpha=8+pissa:niter={niter}"
     ours, composition = adapt(reference, spec)
     with torch.no_grad():
@@ -45,15 +47,12 @@ def test_the_saved_adapter_reloads_in_qpeft_exactly_and_in_peft(reference, batch
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     composition.method.save(ours, tmp_path)
-    init = json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"]
-    assert init == ("pissa_niter_3" if niter else "pissa")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["init_lora_weights"], config["r"]) == ((True, 8) if niter else ("pissa", 4))  # niter: rank 2r
     expected = logits(ours, batch)
     again, fresh = adapt(reference, spec, seed=5)
     fresh.method.load(again, tmp_path)
     assert torch.equal(logits(again, batch), expected)            # the seeded randomized SVD reruns alike
-    if not niter:          # PEFT's randomized SVD draws from the global RNG: another base each load
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
-        assert (logits(theirs, batch) - expected).abs().max().item() <= 1e-5
 
 
 def test_over_nf4_the_residual_quantizes_with_less_error_than_w(reference):

@@ -6,6 +6,8 @@
 and the adapter written for PEFT over the original base: after training, W' + s·B·A =
 W + s·(B·A − B₀·A₀) = W + s·[B, −B₀]·[A; A₀], a plain LoRA of rank 2r with the same scaling
 (PEFT 0.21's ``path_initial_model_for_weight_conversion``, ``LoraModel.subtract_mutated_init``).
+``converted`` serves any init that keeps ``layer.calibrated_init = (A₀, B₀)`` (PiSSA with a
+randomized SVD sets it at attach, since PEFT cannot rerun that SVD).
 
 A private module of the plugins package, not a plugin."""
 import torch

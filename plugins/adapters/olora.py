@@ -12,8 +12,12 @@ model still starts equal to the original one (§3, Eqs. 2–4)::
     lora+olora      dora:r=8+olora      lora+olora+rslora
 
 Saving: the adapter is stored relative to the rewritten base, and ``adapter_config.json``
-says ``init_lora_weights: "olora"``, so ``PeftModel.from_pretrained`` on the original
-full-precision model re-runs the same decomposition and reproduces the adapted model.
+says ``init_lora_weights: "olora"``, so ``PeftModel.from_pretrained`` reruns the same QR on the
+base it is given: on the original full-precision model that is qpeft's model over ``none``
+(tests/test_peft_conversion_inits.py; s·Q_r·R_r does not depend on the signs QR picks), and
+on a bitsandbytes nf4 base PEFT dequantizes, factors and re-quantizes as qpeft's nf4 does. A
+rank-2r LoRA over the original W (CorDA's ``peft_tensors``) would be exact over ``none`` too,
+but over nf4 it is Q(W) + ΔW, not Q(Ŵ − s·B₀·A₀) + s·B·A; the rerun is kept.
 """
 import torch
 

@@ -13,6 +13,12 @@ quantizer the principal part is kept exact in B·A and only the residual, whose 
 smaller, is quantized — QPiSSA's reason to exist (§4.4). Loading a saved adapter runs the
 decomposition again (it is deterministic; the randomized SVD is seeded).
 
+PEFT's files: with the exact SVD, ``init_lora_weights: "pissa"``, and PEFT reruns it on load
+(the residual W − U_r·S_r·V_rᵀ does not depend on the signs the SVD picks: over ``none`` the
+logits are qpeft's). With ``niter`` > 0 PEFT would draw its own randomized SVD from the global
+RNG, another base, so the file holds the trained adapter as the rank-2r LoRA [B, −B₀]·[A; A₀]
+over the original W (``init_lora_weights: true``; plugins/adapters/_residual.py, ``converted``).
+
     lora+pissa      lora:r=8+pissa:niter=4      dora+pissa      lora+pissa+rslora
 """
 import dataclasses
@@ -20,6 +26,7 @@ import dataclasses
 import torch
 
 from qpeft import Adapter, OptionsError, hookimpl, option
+from qpeft.plugins.adapters import _residual
 from qpeft.plugins.adapters._svd import source_weight
 
 
@@ -59,14 +66,23 @@ class PiSSA(Adapter):
         else:
             u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         root = (s[:r] / scaling).sqrt()
-        a, b = root[:, None] * vh[:r], u[:, :r] * root
-        layer.lora_A.copy_(a)
-        layer.lora_B.copy_(b)
-        layer.set_base_weight(weight - scaling * (b @ a))
+        layer.lora_A.copy_(root[:, None] * vh[:r])
+        layer.lora_B.copy_(u[:, :r] * root)
+        a0, b0 = layer.lora_A.detach().float(), layer.lora_B.detach().float()   # as the adapter holds them
+        layer.set_base_weight(weight - scaling * (b0 @ a0))
+        if self.options.niter:       # kept for peft_tensors: PEFT cannot rerun this SVD
+            layer.calibrated_init = (a0.cpu().clone(), b0.cpu().clone())
 
     def update_peft_config(self, config: dict) -> None:
-        """PEFT re-runs the same decomposition on load when told so."""
-        config["init_lora_weights"] = f"pissa_niter_{self.options.niter}" if self.options.niter else "pissa"
+        """The exact SVD: PEFT reruns it on load (``"pissa"``), the same base. With niter > 0 the
+        rank-2r file of :meth:`peft_tensors` is a plain LoRA (``init_lora_weights: true``)."""
+        if not self.options.niter:
+            config["init_lora_weights"] = "pissa"
+
+    def peft_tensors(self, layer, tensors: dict) -> dict:
+        """With niter > 0: the rank-2r LoRA [B, −B₀]·[A; A₀] over the original W, since PEFT's own
+        randomized SVD (``"pissa_niter_N"``, unseeded) would rebuild another base."""
+        return _residual.converted(layer, tensors) if self.options.niter else tensors
 
     @classmethod
     def from_peft_config(cls, config: dict) -> dict | None:
