@@ -58,3 +58,13 @@ def test_the_python_example_of_adapters_md_runs_on_the_public_surface(tmp_path):
     (tmp_path / "example.py").write_text(script)
     run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+def test_the_python_example_of_data_md_runs(tmp_path, tokenizer):
+    """docs/data.md's first block: the bundled data encoded and batched as `qpeft run` does."""
+    code = blocks("data.md")[0]
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shapes = eval(run.stdout.strip().splitlines()[-1])
+    assert set(shapes) == {"input_ids", "attention_mask", "labels"}
+    assert len(set(shapes.values())) == 1 and shapes["input_ids"][0] == 8 and shapes["input_ids"][1] > 10
