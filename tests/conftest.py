@@ -7,6 +7,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The baseline cache (qpeft.core.run.baselines) of this test session starts empty and is its own.
 os.environ["QPEFT_BASELINES"] = tempfile.mkdtemp(prefix="qpeft-baselines-")
+# So is its quantized-base cache (qpeft.core.model.quant_cache).
+os.environ["QPEFT_QUANT_CACHE"] = tempfile.mkdtemp(prefix="qpeft-quantized-")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from qpeft.core.cli.cache_cmd import cache_command
 from qpeft.core.cli.chat_cmd import chat_command
 from qpeft.core.cli.compare_cmd import compare_command
 from qpeft.core.cli.export_cmd import export_command
@@ -106,6 +107,7 @@ cli.add_command(eval_command)
 cli.add_command(compare_command)
 cli.add_command(generate_command)
 cli.add_command(chat_command)
+cli.add_command(cache_command)
 
 
 def main() -> None:

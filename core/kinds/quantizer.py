@@ -63,6 +63,22 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.compute_dtype}"
 
+    def cache_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that hold Ŵ and the bias, by name, as the quantized-base cache writes
+        them (docs/cache.md): by default the layer's ``state_dict`` (its parameters and
+        persistent buffers). A layer that keeps something else (a Python number) adds it
+        here as a 0-d tensor; :meth:`Quantizer.layer_from_cache` reads it back."""
+        return dict(self.state_dict())
+
+    @classmethod
+    def bare(cls, in_features: int, out_features: int, bias: torch.Tensor | None,
+             compute_dtype: torch.dtype):
+        """A layer of this class with only the base's attributes set (no subclass
+        ``__init__``, nothing quantized): what ``layer_from_cache`` fills in."""
+        layer = cls.__new__(cls)
+        QuantizedLinear.__init__(layer, in_features, out_features, bias, compute_dtype)
+        return layer
+
 
 @dataclasses.dataclass
 class QuantizerOptions:
@@ -95,6 +111,9 @@ class Quantizer(Plugin):
     kind: ClassVar[str] = "quantizer"
     Options: ClassVar[type] = QuantizerOptions
     required_methods = ("quantize_linear",)
+    # Part of the quantized-base cache's key: bump it when the tensors this quantizer stores
+    # for the same weight and options change, so bases cached before are made again.
+    cache_version: ClassVar[int] = 1
 
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
@@ -110,6 +129,19 @@ class Quantizer(Plugin):
     def quantize_linear(self, linear: nn.Linear) -> QuantizedLinear:
         """A :class:`QuantizedLinear` holding ``linear``'s weight, on ``linear``'s device."""
         raise NotImplementedError
+
+    def layer_from_cache(self, tensors: dict[str, torch.Tensor], linear: nn.Linear) -> QuantizedLinear:
+        """The layer whose :meth:`QuantizedLinear.cache_tensors` were ``tensors`` (already on
+        the device), for ``linear`` (on meta: only its shape and whether it has a bias).
+
+        Implementing it opts a quantizer into the quantized-base cache (docs/cache.md); one
+        that does not is quantized afresh on every load."""
+        raise NotImplementedError
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether this quantizer implements :meth:`layer_from_cache`."""
+        return type(self).layer_from_cache is not Quantizer.layer_from_cache
 
     def targets(self, model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
         """``(name, parent, attribute, layer)`` of every linear layer to quantize."""

@@ -20,17 +20,19 @@ the file, and pages of a mapping that stays open count in the process's RSS unti
 closed (a shard-long ``safe_open`` would add the whole shard to the peak).
 """
 import ctypes
+import dataclasses
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qpeft.core.model import models
+from qpeft.core.model import models, quant_cache
 from qpeft.core.base.errors import ModelLoadError
-from qpeft.core.kinds.quantizer import cast_unquantized, tensor_bytes
+from qpeft.core.kinds.quantizer import LayerStats, cast_unquantized, tensor_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -42,7 +44,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 def load_quantized(spec: str | None, quantizer, device: str | torch.device = "cpu",
                    keep_source: bool = False, progress: bool = False, measure: bool = False,
-                   float32_activations: bool = False):
+                   float32_activations: bool = False, cache: bool = True, say=None):
     """``(model, tokenizer, facts)``: the model of ``spec`` quantized by ``quantizer`` on
     ``device``, never held in full precision.
 
@@ -58,11 +60,28 @@ def load_quantized(spec: str | None, quantizer, device: str | torch.device = "cp
     ``quantize_seconds`` (reading and quantizing every tensor) and ``load_seconds`` (all
     of it, with building the module tree and the tokenizer); with ``measure``, also
     ``layer_stats``: one :class:`~qpeft.core.kinds.quantizer.LayerStats` per quantized layer.
+
+    With ``cache`` (the default) the quantized layers are read from the quantized-base cache
+    (:mod:`qpeft.core.model.quant_cache`) when this base and quantizer are there, verified,
+    and written there after a fresh quantization; ``facts["base_cache"]`` says which
+    (``read``, ``written``, ``off``, ``not cacheable``, ``not kept``). ``keep_source`` and
+    ``measure`` then read each layer's float32 weight from the checkpoint. ``say`` gets the
+    cache's one-line notices (default: stderr).
     """
     started = time.perf_counter()
     device = torch.device(device)
+    say = say or _stderr
     directory = _local_dir(spec)
     checkpoint = Checkpoint(directory)
+    use = cache and quant_cache.limit_bytes() > 0
+    key = reader = None
+    if use and not quantizer.cacheable:
+        say(f"quantized-base cache: {quantizer.name} does not implement layer_from_cache; quantizing afresh")
+    elif use:
+        key, reader = quant_cache.lookup(spec, quantizer, device, say)
+        if reader is not None and keep_source:
+            say("quantized-base cache: the quantized layers come from the cache; the adapter's "
+                "source weights (keep_source) are read from the model's checkpoint")
     # First: loading it peaks above what it keeps, and the tensors then reuse what it freed.
     tokenizer = models.load_tokenizer(spec)
     model = _empty_model(directory)
@@ -71,10 +90,14 @@ def load_quantized(spec: str | None, quantizer, device: str | torch.device = "cp
     size_before = checkpoint.bytes_for(model, keys)
     filled = time.perf_counter()
     plain = torch.float32 if float32_activations else quantizer.compute_dtype
-    stats = _fill(model, checkpoint, keys, quantizer, plain, device, keep_source, measure, progress)
-    cast_unquantized(model, plain, device)  # the computed buffers (RoPE)
+    stats, layers = _fill(model, checkpoint, keys, quantizer, plain, device, keep_source, measure,
+                          progress, reader)
     now = time.perf_counter()
-    facts = {"model_mb_before": round(size_before / 2**20, 2),
+    state = "off" if not use else "not cacheable" if key is None else "read" if reader else "written"
+    if state == "written" and quant_cache.store(key, layers, _summary(spec, quantizer), say) is None:
+        state = "not kept"
+    cast_unquantized(model, plain, device)  # the computed buffers (RoPE)
+    facts = {"model_mb_before": round(size_before / 2**20, 2), "base_cache": state,
              "quantize_seconds": round(now - filled, 2), "load_seconds": round(now - started, 2)}
     if measure:
         facts["layer_stats"] = stats
@@ -196,10 +219,44 @@ def _place(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     return view.to(dtype=dtype, copy=view.device.type == "cpu")
 
 
-def _fill(model, checkpoint: Checkpoint, keys, quantizer, plain, device, keep_source, measure, progress):
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _summary(spec, quantizer) -> dict:
+    """What ``qpeft cache list`` shows of an entry: the model as named, the quantizer's spec
+    (options that differ from their defaults), the compute dtype."""
+    defaults = quantizer.Options()
+    changed = [f"{f.name}={getattr(quantizer.options, f.name)}" for f in dataclasses.fields(quantizer.options)
+               if f.name != "compute_dtype" and getattr(quantizer.options, f.name) != getattr(defaults, f.name)]
+    return {"model": str(spec or models.DEFAULT_MODEL), "quantizer": ":".join([quantizer.name, *changed]),
+            "compute_dtype": quantizer.options.compute_dtype}
+
+
+def _from_cache(name, meta, checkpoint, keys, quantizer, device, reader, keep_source, measure):
+    """Target ``name`` rebuilt from the cache's tensors, and its LayerStats; the float32 weight
+    is read from the checkpoint only for ``keep_source`` or ``measure``."""
+    linear = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
+    layer = quantizer.layer_from_cache(reader.tensors(name, device), linear)
+    w, err = None, None
+    if keep_source or measure:
+        view = checkpoint.read(keys[f"{name}.weight"])
+        w = view.to(torch.float32, copy=True)
+        del view
+    if measure:
+        err = (torch.linalg.norm(w - layer.dequantize().cpu()) / torch.linalg.norm(w)).item()
+    if keep_source:
+        layer.source_weight = w
+    before = 4 * meta.weight.numel() + (0 if meta.bias is None else 4 * meta.bias.numel())
+    return layer, LayerStats(name, meta.weight.numel(), before, layer.storage_bytes(), err)
+
+
+def _fill(model, checkpoint: Checkpoint, keys, quantizer, plain, device, keep_source, measure, progress,
+          reader=None):
     """Load every tensor outside the target linears in ``plain`` (the dtype of the layers left
-    unquantized), then quantize each
-    target from its float32 weight; returns the targets' LayerStats.
+    unquantized), then quantize each target from its float32 weight (or, with a cache
+    ``reader`` that holds it, rebuild it from the cache); returns the targets' LayerStats
+    and the quantized layers by name.
 
     The plain tensors go first: the largest of them (embedding, lm_head) are then copied
     while little else is held, and the peak is reached at the end, with the quantized
@@ -209,9 +266,17 @@ def _fill(model, checkpoint: Checkpoint, keys, quantizer, plain, device, keep_so
 
     targets = quantizer.targets(model)
     _fill_plain(model, checkpoint, keys, plain, device, {id(t[3]) for t in targets})
-    stats = []
+    stats, layers = [], {}
+    cached = reader is not None and all(t[0] in reader.layers for t in targets)
     for name, parent, attr, meta in tqdm(targets, unit="layer", disable=not progress,
-                                         desc=f"loading and quantizing ({quantizer.name})"):
+                                         desc=f"loading {'from the cache' if cached else 'and quantizing'} ({quantizer.name})"):
+        if cached:
+            layer, layer_stats = _from_cache(name, meta, checkpoint, keys, quantizer, device, reader,
+                                             keep_source, measure)
+            setattr(parent, attr, layer)
+            stats.append(layer_stats)
+            layers[name] = layer
+            continue
         linear = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None,
                            device="meta")
         for part in ("weight", "bias") if meta.bias is not None else ("weight",):
@@ -221,9 +286,10 @@ def _fill(model, checkpoint: Checkpoint, keys, quantizer, plain, device, keep_so
         layer, layer_stats = quantizer.quantize_one(name, linear, device, measure, keep_source)
         setattr(parent, attr, layer)
         stats.append(layer_stats)
+        layers[name] = layer
         del linear, meta
         _trim_heap()
-    return stats
+    return stats, layers
 
 
 def _fill_plain(model, checkpoint: Checkpoint, keys, dtype, device, skip: set) -> None:

@@ -8,7 +8,8 @@ of the weights, the data and its options — not of time or memory, as footprint
 
     the base model's content     the SHA-256 of each of its files (a .gguf, or a directory's
                                  files), not its path; memoised by (path, size, mtime)
-    the quantizer                name, options, origin and version; the compute dtype;
+    the quantizer                name, options, origin and ``cache_version`` (the
+                                 quantized-base cache's quantizer key); the compute dtype;
                                  whether the adapter keeps float32 activations, and whether
                                  a plugin routes by task (evaluation then scores each task apart)
     the evaluator                name, options, origin and version
@@ -27,10 +28,9 @@ import os
 from pathlib import Path
 
 from qpeft.core.base.version import __version__
-from qpeft.core.model import models
+from qpeft.core.model import models, quant_cache
+from qpeft.core.model.quant_cache import file_sha256  # noqa: F401  (its home until the quantized-base cache)
 from qpeft.core.train.hooks import TrainHooks
-
-CHUNK = 1 << 22
 
 
 def directory() -> Path:
@@ -38,37 +38,10 @@ def directory() -> Path:
     return Path(os.environ.get("QPEFT_BASELINES") or models.cache_dir() / "baselines").expanduser()
 
 
-def file_sha256(path: Path, memo: dict) -> str:
-    """The SHA-256 of ``path``, from ``memo`` when its size and mtime are those it was hashed at."""
-    stat = path.stat()
-    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-    if key in memo and memo[key][:2] == stamp:
-        return memo[key][2]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    memo[key] = [*stamp, digest.hexdigest()]
-    return memo[key][2]
-
-
 def model_content(spec: str | None) -> str:
-    """A SHA-256 standing for the base model's bytes (its files'), whatever path names it."""
-    where = models.locate(spec)
-    if isinstance(where, str):          # a hub id resolved offline by transformers: its name
-        return hashlib.sha256(where.encode()).hexdigest()
-    memo_file = directory() / "file-hashes.json"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    files = [where] if where.is_file() else sorted(f for f in where.iterdir() if f.is_file() and not f.name.startswith("."))
-    content = hashlib.sha256(json.dumps([[f.name, file_sha256(f, memo)] for f in files]).encode()).hexdigest()
-    try:
-        _write_json(memo_file, memo)
-    except OSError:
-        pass
-    return content
+    """A SHA-256 standing for the base model's bytes (its files'), whatever path names it: the
+    quantized-base cache's (:func:`quant_cache.model_content`), memoised beside the baselines."""
+    return quant_cache.model_content(spec, directory() / "file-hashes.json")
 
 
 def plugin_key(plugin) -> dict:
@@ -85,7 +58,7 @@ def run_key(cfg, plan, device) -> dict:
     for split in examples:
         for e in split:
             e.pop("source", None)      # where it was read, not what it is
-    return {"format": 1, "model": model_content(cfg.model), "quantizer": plugin_key(plan.quantizer),
+    return {"format": 1, "model": model_content(cfg.model), "quantizer": quant_cache.quantizer_key(plan.quantizer),
             "compute_dtype": str(plan.quantizer.compute_dtype),
             "float32_activations": bool(plan.adapter.needs_float32_activations),
             "by_task": bool(TrainHooks([plan.quantizer, *plan.adapter.parts, *plan.evaluators]).routes),
@@ -122,8 +95,4 @@ def write(path: Path, key: dict, result: dict, run_dir) -> None:
         pass
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{os.getpid()}")
-    staged.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(staged, path)
+_write_json = quant_cache.write_json

@@ -293,10 +293,11 @@ def load(cfg: RunConfig, p: Plan, device, world, say):
         say(line)
     model, tokenizer, loaded = streaming.load_quantized(cfg.model, p.quantizer, device, progress=world.is_main,
                                                         keep_source=p.adapter.needs_source_weights,
-                                                        float32_activations=p.adapter.needs_float32_activations)
+                                                        float32_activations=p.adapter.needs_float32_activations,
+                                                        cache=not cfg.no_cache, say=say)
     facts = {"model_mb_before": round(loaded["model_mb_before"], 2),
              "quantized_model_mb": round(model_bytes(model) / 2**20, 2),
-             "quantize_seconds": round(loaded["quantize_seconds"], 2)}
+             "quantize_seconds": round(loaded["quantize_seconds"], 2), "base_cache": loaded["base_cache"]}
     return model, tokenizer, facts
 
 

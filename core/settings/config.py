@@ -130,8 +130,8 @@ class RunConfig:
     skip_bad_lines: bool = setting(False, "skip malformed data lines instead of refusing them")
     train_on_prompt: bool = setting(False, "take the loss on prompt tokens too")
     packing: bool = setting(False, "pack short examples into --max-length sequences")
-    no_cache: bool = setting(False, "measure the quantized base's 'before' numbers even when a run of the same "
-                             "model, quantizer and data has ($QPEFT_CACHE/baselines)")
+    no_cache: bool = setting(False, "quantize the base and measure its 'before' numbers even when a run of the same "
+                             "model, quantizer and data has ($QPEFT_CACHE/quantized, $QPEFT_CACHE/baselines)")
     validation_split: float = setting(0.2, "share of --data held out for validation", flag=False,
                                       range=Range("0.2", low=0, high=1, low_open=True, high_open=True))
     train: TrainConfig = setting(None, "", flag=False, default_factory=TrainConfig)

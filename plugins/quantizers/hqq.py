@@ -51,6 +51,15 @@ class HQQLinear(QuantizedLinear):
         self.nbits, self.group_size, self.axis = nbits, group_size, axis
         self.set_weight(linear.weight)
 
+    def _describe(self, shape: torch.Size) -> None:
+        """hqq's meta data of the packed codes (what ``Quantizer.dequantize`` reads)."""
+        from hqq.core.quantize import Quantizer as HqqQuantizer
+
+        packing = HqqQuantizer.bit_to_packing[self.nbits]
+        self._meta = {"nbits": self.nbits, "group_size": self.group_size, "shape": shape,
+                      "axis": self.axis, "packing": packing, "view_as_float": False,
+                      "unpack_view_dtype": HqqQuantizer.unpack_view_dtype[packing]}
+
     def set_weight(self, weight: torch.Tensor) -> None:
         """Quantize ``weight`` with the half-quadratic zero-point solver (paper §2), codes
         packed as hqq's ``Quantizer.quantize`` packs them."""
@@ -65,9 +74,7 @@ class HQQLinear(QuantizedLinear):
         self.register_buffer("W_q", HqqQuantizer.pack[packing](codes).contiguous())
         self.register_buffer("scale", scale.to(self.compute_dtype))
         self.register_buffer("zero", zero.to(self.compute_dtype))
-        self._meta = {"nbits": self.nbits, "group_size": self.group_size, "shape": weight.shape,
-                      "axis": self.axis, "packing": packing, "view_as_float": False,
-                      "unpack_view_dtype": HqqQuantizer.unpack_view_dtype[packing]}
+        self._describe(weight.shape)
 
     def weight_hat(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ = (unpack(W_q) − zero)·scale, reshaped to out×in (hqq ``Quantizer.dequantize``)."""
@@ -118,6 +125,7 @@ class HQQ(Quantizer):
     name = "hqq"
     description = "Half-Quadratic Quantization, 1-8 bits, calibration-free (Badri & Shaji 2023)"
     Options = HQQOptions
+    cache_version = 2   # the solver's chunked zero-points (_hqq_solver) changed the stored tensors
 
     def quantize_linear(self, linear):
         o = self.options
@@ -126,6 +134,15 @@ class HQQ(Quantizer):
                 f"hqq: a {linear.out_features}×{linear.in_features} layer cannot be split into "
                 f"groups of {o.group_size}; pick a group_size dividing its size, e.g. hqq:group_size=32")
         return HQQLinear(linear, o.nbits, o.group_size, o.axis, self.compute_dtype)
+
+    def layer_from_cache(self, tensors, linear):
+        o = self.options
+        layer = HQQLinear.bare(linear.in_features, linear.out_features, tensors.get("bias"), self.compute_dtype)
+        layer.nbits, layer.group_size, layer.axis = o.nbits, o.group_size, o.axis
+        for name in ("W_q", "scale", "zero"):
+            layer.register_buffer(name, tensors[name])
+        layer._describe(torch.Size((linear.out_features, linear.in_features)))
+        return layer
 
 
 @hookimpl

@@ -82,6 +82,13 @@ class Int8(Quantizer):
     def quantize_linear(self, linear):
         return Int8Linear(linear, self.options.threshold, self.compute_dtype)
 
+    def layer_from_cache(self, tensors, linear):
+        layer = Int8Linear.bare(linear.in_features, linear.out_features, tensors.get("bias"), self.compute_dtype)
+        layer.threshold = self.options.threshold
+        layer.register_buffer("CB", tensors["CB"])
+        layer.register_buffer("SCB", tensors["SCB"])
+        return layer
+
 
 @hookimpl
 def register_quantizers(register):

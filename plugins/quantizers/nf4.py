@@ -134,6 +134,13 @@ class Bnb4bitLinear(QuantizedLinear):
         """Entropy in bits of each block's 4-bit codes (ICQ maximises it; at most 4)."""
         return _icq.code_entropy(self.codes, self.out_features * self.in_features, self.blocksize)
 
+    def cache_tensors(self) -> dict[str, torch.Tensor]:
+        """The buffers and bias, plus the nested blocksize (double quant) as a 0-d tensor."""
+        tensors = super().cache_tensors()
+        if self._blocksize2 is not None:
+            tensors["blocksize2"] = torch.tensor(self._blocksize2)
+        return tensors
+
     def storage_bytes(self) -> int:
         """Codes + absmax (8-bit with double quant) + offset + nested absmax + both code maps
         (+ τ's codes, scales and map with ICQ) + bias."""
@@ -182,6 +189,19 @@ class NF4(Quantizer):
         o = self.options
         icq = (o.icq_range, o.icq_steps) if o.icq else None
         return Bnb4bitLinear(linear, o.quant_type, o.double_quant, o.blocksize, self.compute_dtype, icq)
+
+    def layer_from_cache(self, tensors, linear):
+        o = self.options
+        layer = Bnb4bitLinear.bare(linear.in_features, linear.out_features, tensors.get("bias"), self.compute_dtype)
+        layer.quant_type, layer.double_quant, layer.blocksize = o.quant_type, o.double_quant, o.blocksize
+        layer.icq = (o.icq_range, o.icq_steps) if o.icq else None
+        for name in ("tau_code", "tau_absmax", "tau_map") if o.icq else ():
+            layer.register_buffer(name, tensors[name])
+        for name in ("codes", "absmax", "code", "offset", "absmax2", "code2"):
+            layer.register_buffer(name, tensors.get(name))
+        nested = tensors.get("blocksize2")
+        layer._blocksize2 = None if nested is None else int(nested)
+        return layer
 
 
 @hookimpl

@@ -44,6 +44,11 @@ class NoQuantization(Quantizer):
     def quantize_linear(self, linear):
         return PlainLinear(linear, self.compute_dtype)
 
+    def layer_from_cache(self, tensors, linear):
+        layer = PlainLinear.bare(linear.in_features, linear.out_features, tensors.get("bias"), self.compute_dtype)
+        layer.weight = nn.Parameter(tensors["weight"], requires_grad=False)
+        return layer
+
 
 @hookimpl
 def register_quantizers(register):
