@@ -10,7 +10,8 @@ PEFT adds s·B·A to the base it is given. For each init the adapter is (calibra
 
     qpeft      qpeft.load_adapter over nf4: the rewritten base rebuilt (what qpeft eval serves)
     fp32       PeftModel.from_pretrained over the float32 original
-    nf4+PEFT   the two PEFT files alone imported into qpeft over its nf4 of W (no source weights kept)
+    nf4+PEFT   the two PEFT files alone imported into qpeft over its nf4 of W (W kept for an init that
+               needs it, as ``qpeft eval DIR --quant nf4`` does)
     bnb        PeftModel.from_pretrained over transformers + bitsandbytes nf4 (float32 compute,
                double quantization as qpeft's nf4 unless --no-bnb-double-quant)
 
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         build_plugin("quantizer", quant, default()).quantize_model(again, keep_source=True)
         load_adapter(again, saved)
         plain = copy.deepcopy(reference)
-        build_plugin("quantizer", quant, default()).quantize_model(plain)
+        build_plugin("quantizer", quant, default()).quantize_model(plain, keep_source=True)   # as qpeft eval DIR
         load_adapter(plain, files)
         config = json.loads((files / "adapter_config.json").read_text())
         print(f"{init}: init_lora_weights {config['init_lora_weights']!r}, r {config['r']}", flush=True)

@@ -35,6 +35,7 @@ def test_peft_loads_what_qpeft_saves_to_the_same_model(reference, batch, tmp_pat
     composition.method.save(trained(ours), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["init_lora_weights"], config["r"], config["lora_alpha"]) == (init, rank, alpha)
+    assert "note" not in json.loads((tmp_path / "qpeft_adapter.json").read_text())   # PEFT's load is the model
     expected = assert_peft_equal(reference, ours, tmp_path, batch)
     assert (tmp_path / "qpeft_adapter.safetensors").is_file() == (rank != R)
     if rank != R:                                        # the rank-2r file: [A; A₀], [B, −B₀]

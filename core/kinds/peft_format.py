@@ -82,8 +82,9 @@ def save(model, directory, config: dict, parts: list, meta: dict, calibration: d
         raise QpeftError("the model has no adapter attached; nothing to save")
     own, tensors, changed = layer_tensors(layers, parts)
     config = keep_scaling(config, tensors, _ranks(own, tensors, changed))
+    rerun = isinstance(config.get("init_lora_weights"), str)   # "pissa", "olora": PEFT redoes the rewrite on load
     files = {CONFIG: {**COMMON, "base_model_name_or_path": meta.get("base_model"), **config},
-             MANIFEST: manifest(parts, meta, rewritten=any(
+             MANIFEST: manifest(parts, meta, rewritten=not rerun and any(
                  getattr(layer, "base_rewritten", False) for name, layer in layers.items() if name not in changed))}
     weights = {WEIGHTS: tensors, OWN: own if changed else {}, CALIBRATION: flat_calibration(calibration or {})}
     nbytes = sum(t.numel() * t.element_size() for group in weights.values() for t in group.values())

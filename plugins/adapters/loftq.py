@@ -44,6 +44,12 @@ class LoftQ(Adapter):
     modifies = "init"
     needs_source_weights = True
     Options = LoftQOptions
+    peft_note = ("LoftQ's base is the quantizer's Q(W − s·B·A) of its last step and the PEFT files a plain LoRA: "
+                 "with loftq:iters=1 that base is quant(W), so PEFT over bitsandbytes nf4 of W with double "
+                 "quantization gives qpeft's model (SmolLM2-135M: ppl 82.57 against 82.60); with more steps, another "
+                 "quantizer or a full-precision base it is another model (iters=4 over bnb nf4: +17 %, "
+                 "docs/adapters.md): load it with qpeft (qpeft eval, qpeft.load_adapter) or ship the merged model: "
+                 "qpeft export RUN --merge")
 
     @torch.no_grad()
     def initialize(self, layer, scaling: float) -> None:

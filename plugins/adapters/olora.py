@@ -29,9 +29,11 @@ class OLoRA(Adapter):
     description = "OLoRA: initialise B, A from the QR decomposition of W; base ← W − s·B·A (Büyükakyüz 2024)"
     role = "modifier"
     modifies = "init"
-    peft_note = ("OLoRA rewrote the frozen base (W − s·B₀·A₀): PeftModel over the original base is another model "
-                 "(perplexity 38.2 against 48.0, docs/adapters.md); load it over the base qpeft eval rebuilds, "
-                 "or ship the merged model: qpeft export RUN --merge")
+    peft_note = ("OLoRA rewrote the base to quant(Ŵ − s·B₀·A₀) from the QR of the base it held: PEFT reruns that QR "
+                 "(\"olora\") on the base it is given, qpeft's model over none and over bitsandbytes nf4 with double "
+                 "quantization (qpeft's nf4; SmolLM2-135M: ppl 125.0 against 125.2); over a full-precision or "
+                 "dequantized base when qpeft's was quantized it is another model (153 against 125, docs/adapters.md): "
+                 "load it with qpeft (qpeft eval, qpeft.load_adapter) or ship the merged model: qpeft export RUN --merge")
 
     @torch.no_grad()
     def initialize(self, layer, scaling: float) -> None:

@@ -46,9 +46,11 @@ class PiSSA(Adapter):
     modifies = "init"
     needs_source_weights = True
     Options = PiSSAOptions
-    peft_note = ("PiSSA moved W's principal part into B·A and quantized the residual: PeftModel over the original "
-                 "base re-runs the SVD and matches up to the quantization error of the residual; for the exact "
-                 "model, load it over the base qpeft eval rebuilds, or ship the merged model: qpeft export RUN --merge")
+    peft_note = ("PiSSA rewrote the base to quant(W − s·B₀·A₀): PEFT reruns the exact SVD (\"pissa\") or loads the "
+                 "rank-2r LoRA over W (niter > 0), qpeft's model over a full-precision base; over a quantized one "
+                 "it is not (PEFT keeps the residual unquantized and refuses a bitsandbytes base; the niter file over "
+                 "bnb nf4: +10 % perplexity on SmolLM2-135M, docs/adapters.md): there load it with qpeft (qpeft eval, "
+                 "qpeft.load_adapter) or ship the merged model: qpeft export RUN --merge")
 
     @torch.no_grad()
     def initialize(self, layer, scaling: float) -> None:
