@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_peft_conversion import RTOL, assert_peft_equal, fresh, logits, trained
+from test_peft_conversion import assert_peft_equal, fresh, logits, trained
 
 from qpeft import adapter_layers, load_adapter
 from qpeft.testing import adapt
