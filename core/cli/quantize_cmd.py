@@ -4,7 +4,9 @@
                ──quantize_model(measure=True)──▶ per layer: bytes, ‖W−Ŵ‖/‖W‖
                ──model_bytes──▶ size after
 
-Nothing is saved: the command measures. ``--model tiny`` quantizes the random two-layer
+Nothing is saved but the quantized-base cache (docs/cache.md): a model other than ``tiny``
+is streamed and quantized by ``streaming.load_quantized`` (its layers read from the cache when
+that base and quantizer are there; ``--no-cache`` quantizes afresh, to time it). ``--model tiny`` quantizes the random two-layer
 model of :mod:`qpeft.core.kit.testing` (hidden size 64) — a smoke test that needs no model files.
 """
 import dataclasses
@@ -51,7 +53,26 @@ def measure(model, quantizer, device: str = "cpu", progress: bool = False) -> di
     dtype_before = str(next(model.parameters()).dtype).removeprefix("torch.")
     start = time.perf_counter()
     stats = quantizer.quantize_model(model, device=device, measure=True, progress=progress)
-    seconds = time.perf_counter() - start
+    return figures(model, quantizer, stats, before, dtype_before, time.perf_counter() - start)
+
+
+def measure_streamed(model_spec, quantizer, device: str = "cpu", progress: bool = False,
+                     cache: bool = True) -> dict:
+    """The figures of :func:`measure` for ``model_spec`` loaded by ``streaming.load_quantized``
+    (through the quantized-base cache unless ``cache`` is False; ``base_cache`` says how)."""
+    from qpeft.core.model import streaming
+
+    model, _, facts = streaming.load_quantized(model_spec, quantizer, device, measure=True,
+                                               progress=progress, cache=cache)
+    before = round(facts["model_mb_before"] * 2**20)
+    report = figures(model, quantizer, facts["layer_stats"], before, "checkpoint dtypes", facts["quantize_seconds"])
+    return {**report, "base_cache": facts["base_cache"]}
+
+
+def figures(model, quantizer, stats, before: int, dtype_before: str, seconds: float) -> dict:
+    """The Table 4.1 figures of a quantized ``model`` from its layers' ``stats``."""
+    from qpeft.core.kinds.quantizer import model_bytes
+
     if not stats:
         raise OptionsError("the model has no linear layers to quantize; pass another --model")
     weights = sum(s.weights for s in stats)
@@ -94,7 +115,8 @@ def render(report: dict, spec: str, layers: bool) -> str:
         f"bytes/weight     {report['bytes_per_weight']:.4f} (quantized linear layers, all tensors held)",
         f"rel. error       mean {report['rel_error_mean']:.4f}, worst {report['rel_error_worst']:.4f}"
         f" ({report['worst_layer']})",
-        f"time             {report['seconds']:.1f} s (quantizing and measuring)",
+        f"time             {report['seconds']:.1f} s (quantizing and measuring"
+        + (", quantized layers from the cache)" if report.get("base_cache") == "read" else ")"),
     ]
     if layers:
         lines += ["", f"{'layer':<40} {'weights':>10} {'bytes/w':>8} {'rel.err':>8}"]
@@ -111,7 +133,10 @@ def render(report: dict, spec: str, layers: bool) -> str:
 @click.option("--device", default="cpu", show_default=True, callback=params.device, help="Where to quantize (cpu, cuda, ...).")
 @click.option("--layers", is_flag=True, help="Also list every layer's bytes/weight and error.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def quantize_command(spec: str, model_spec: str | None, device: str, layers: bool, as_json: bool) -> None:
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Quantize afresh even when the quantized-base cache holds this model and quantizer.")
+def quantize_command(spec: str, model_spec: str | None, device: str, layers: bool, as_json: bool,
+                     no_cache: bool) -> None:
     """Quantize a model and report size before/after, bytes/weight, ‖W−Ŵ‖/‖W‖ and time.
 
     \b
@@ -119,8 +144,10 @@ def quantize_command(spec: str, model_spec: str | None, device: str, layers: boo
                qpeft quantize --quant nf4:double_quant=false --layers
     """
     quantizer = build_quantizer(spec)
-    model = load(model_spec)
-    report = measure(model, quantizer, device=device, progress=not as_json)
+    if model_spec == TINY:
+        report = measure(load(model_spec), quantizer, device=device, progress=not as_json)
+    else:
+        report = measure_streamed(model_spec, quantizer, device, progress=not as_json, cache=not no_cache)
     spec = format_spec(parse(spec))
     if as_json:
         if not layers:

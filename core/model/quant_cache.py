@@ -204,10 +204,13 @@ def store(k: dict, layers: dict, summary: dict, say) -> Path | None:
             say(f"quantized-base cache: not kept (it is over the {limit / 1e9:g} GB limit; raise QPEFT_QUANT_CACHE_GB)")
             return None
         evict(limit - size)
-        if entry.exists():               # another process stored it first
-            shutil.rmtree(staged, ignore_errors=True)
+        try:
+            os.replace(staged, entry)
+        except OSError:
+            if not entry.is_dir():
+                raise
+            shutil.rmtree(staged, ignore_errors=True)   # another process stored it first
             return entry
-        os.replace(staged, entry)
         fsync(entry.parent)
     except OSError as exc:
         shutil.rmtree(staged, ignore_errors=True)
