@@ -295,6 +295,9 @@ def load(cfg: RunConfig, p: Plan, device, world, say):
                                                         keep_source=p.adapter.needs_source_weights,
                                                         float32_activations=p.adapter.needs_float32_activations,
                                                         cache=not cfg.no_cache, say=say)
+    if loaded["base_cache"] == "read":
+        say(f"  quantized base: read from the cache in {loaded['quantize_seconds']:.1f} s "
+            "(verified; --no-cache quantizes afresh; see qpeft cache list)")
     facts = {"model_mb_before": round(loaded["model_mb_before"], 2),
              "quantized_model_mb": round(model_bytes(model) / 2**20, 2),
              "quantize_seconds": round(loaded["quantize_seconds"], 2), "base_cache": loaded["base_cache"]}
