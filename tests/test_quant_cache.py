@@ -139,3 +139,19 @@ def test_a_quantizer_without_the_pair_is_not_cached(tiny_dir, cache):
     facts = streaming.load_quantized(str(tiny_dir), uncached, "cpu", say=lines.append)[2]
     assert facts["base_cache"] == "not cacheable" and len(lines) == 1 and "layer_from_cache" in lines[0]
     assert quant_cache.entries() == []
+
+
+def test_qpeft_quantize_reads_the_cache_and_reports_the_same_figures(tiny_dir, cache):
+    import json
+
+    def quantize(*extra):
+        done = CliRunner().invoke(cli, ["quantize", "--model", str(tiny_dir), "--quant", "hqq:nbits=2", "--json", *extra],
+                                  prog_name="qpeft", standalone_mode=False)
+        assert done.exit_code == 0, done.output
+        return json.loads(done.stdout[done.stdout.index("{"):])
+
+    first, second, fresh = quantize(), quantize(), quantize("--no-cache")
+    assert [r["base_cache"] for r in (first, second, fresh)] == ["written", "read", "off"]
+    for key in ("rel_error_mean", "rel_error_worst", "bytes_after", "bytes_before", "layers"):
+        assert first[key] == second[key] == fresh[key], key
+    assert first["layers"] == 14 and 0 < first["rel_error_mean"] < 1
