@@ -75,11 +75,11 @@ def file_sha256(path: Path, memo: dict) -> str:
 
 def model_content(spec: str | None, memo_file: Path | None = None) -> str:
     """A SHA-256 standing for the base model's bytes (its files'), whatever path names it;
-    the files' hashes are memoised in ``memo_file`` (default ``$QPEFT_CACHE/file-hashes.json``)."""
+    the files' hashes are memoised in ``memo_file`` (default: ``file-hashes.json`` in :func:`directory`)."""
     where = models.locate(spec)
     if isinstance(where, str):          # a hub id resolved offline by transformers: its name
         return hashlib.sha256(where.encode()).hexdigest()
-    memo_file = memo_file or cache_dir() / "file-hashes.json"
+    memo_file = memo_file or directory() / "file-hashes.json"
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
