@@ -91,7 +91,8 @@ def qpeft_step(a, quant, method, batch, device):
     adapter = compose(qpeft_spec(method, a.r, a.alpha), reg)
     model = streaming.load_quantized(a.model, quantizer, device,   # as qpeft run's pipeline.load
                                      keep_source=adapter.needs_source_weights,
-                                     float32_activations=adapter.needs_float32_activations)[0]
+                                     float32_activations=adapter.needs_float32_activations,
+                                     cache=False)[0]   # quantized here, as PEFT's row does (load peak)
     seed_everything(0)
     adapter.attach(model)
     cfg = TrainConfig(steps=a.warmup + a.steps, batch_size=a.batch, lr=a.lr, weight_decay=0.0,

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qpeft.core.base.cache import cache_dir
 from qpeft.core.base.errors import ModelLoadError, first_line
 from qpeft.core.model.gguf_file import check_gguf
 from qpeft.core.model.model_dir import INSTEAD as _INSTEAD, check_model_dir, check_tokenizer_files
@@ -31,14 +32,6 @@ DEFAULT_MODEL = "embedded"
 _DONE = "qpeft-converted.ok"
 # What a corrupt file or an unsupported model makes transformers, safetensors and gguf raise.
 _READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, OverflowError, struct.error)
-
-
-def cache_dir() -> Path:
-    """``$QPEFT_CACHE``, else ``$XDG_CACHE_HOME/qpeft``, else ``~/.cache/qpeft``."""
-    if os.environ.get("QPEFT_CACHE"):
-        return Path(os.environ["QPEFT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "qpeft"
 
 
 def embedded_gguf() -> Path:
