@@ -10,6 +10,7 @@ import torch
 
 from qpeft import QpeftError, adapter_layers, load_adapter
 from qpeft.testing import adapt
+from calibration_data import logits, masked_batches
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -17,20 +18,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def batches():
-    """Two batches of 4×24 token ids, prompt (first 6) masked in the labels, no padding (PEFT's
-    hook takes one unpadded row per call)."""
-    g, out = torch.Generator().manual_seed(3), []
-    for _ in range(2):
-        ids = torch.randint(0, 1000, (4, 24), generator=g)
-        labels = ids.clone()
-        labels[:, :6] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model.eval()(input_ids=batch).logits
+    return masked_batches(2)
 
 
 def peft_corda(reference, batches, mode, dora, rslora):

@@ -13,6 +13,7 @@ import torch
 
 from qpeft import Adapter, QpeftError, adapter_layers, load_adapter
 from qpeft.testing import adapt
+from calibration_data import logits, masked_batches
 
 peft = pytest.importorskip("peft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -20,20 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 @pytest.fixture(scope="module")
 def batches():
-    """Four batches of 4×24 token ids; prompt (first 6) and padding (row 0's tail) masked."""
-    g, out = torch.Generator().manual_seed(3), []
-    for _ in range(4):
-        ids = torch.randint(0, 1000, (4, 24), generator=g)
-        labels, mask = ids.clone(), torch.ones_like(ids)
-        labels[:, :6] = -100
-        mask[0, 20:], labels[0, 20:] = 0, -100
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model.eval()(input_ids=batch).logits
+    return masked_batches(4, pad_row0=True)
 
 
 def peft_eva(reference, batches, rslora=False, rho=2.0, dora=False):

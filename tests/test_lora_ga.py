@@ -9,6 +9,7 @@ import torch
 
 from qpeft import OptionsError, QpeftError, adapter_layers, compose, load_adapter
 from qpeft.testing import adapt
+from calibration_data import logits, masked_batches
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -16,20 +17,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def batches():
-    """Two batches of 4×24 token ids; prompt (first 6) and padding (row 0's tail) masked."""
-    g, out = torch.Generator().manual_seed(3), []
-    for _ in range(2):
-        ids = torch.randint(0, 1000, (4, 24), generator=g)
-        labels, mask = ids.clone(), torch.ones_like(ids)
-        labels[:, :6] = -100
-        mask[0, 20:], labels[0, 20:] = 0, -100
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model.eval()(input_ids=batch).logits
+    return masked_batches(2, pad_row0=True)
 
 
 @pytest.mark.parametrize("options, direction, scale, rslora", [

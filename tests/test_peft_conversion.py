@@ -15,6 +15,7 @@ import torch
 
 from qpeft import adapter_layers, compose, load_adapter
 from qpeft.testing import adapt
+from calibration_data import logits, masked_batches
 
 peft = pytest.importorskip("peft")
 R, ALPHA, RTOL = 4, 8.0, 1e-5     # RTOL: max |Δlogit| over max |logit|
@@ -22,19 +23,7 @@ R, ALPHA, RTOL = 4, 8.0, 1e-5     # RTOL: max |Δlogit| over max |logit|
 
 @pytest.fixture(scope="module")
 def batches():
-    """Two batches of 4×24 token ids, prompt (first 6) masked in the labels, no padding."""
-    g, out = torch.Generator().manual_seed(3), []
-    for _ in range(2):
-        ids = torch.randint(0, 1000, (4, 24), generator=g)
-        labels = ids.clone()
-        labels[:, :6] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model.eval()(input_ids=batch).logits
+    return masked_batches(2)
 
 
 def trained(model):
