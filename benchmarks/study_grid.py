@@ -55,7 +55,8 @@ def run_cell(quant: str, adapter: str, name: str, out: Path, cache: Path, flags:
     train = float(facts.get("train_seconds") or 0.0)
     return {"wall": wall, "train": train, "other": wall - train,
             "quantize": float(facts.get("quantize_seconds") or 0.0),
-            "before_cached": facts.get("before_cached") or [], "base_cached": facts.get("base_cached")}
+            "before_cached": facts.get("before_cached") or [], "base_cache": facts.get("base_cache"),
+            "stages": facts.get("stage_seconds") or {}}
 
 
 def main() -> None:
@@ -84,8 +85,9 @@ def main() -> None:
             extra = ["--no-cache"] if mode == "off" else []
             row[mode] = run_cell(cell.quant, cell.adapter, cell.name, work / f"runs-{mode}", caches[mode],
                                  flags + extra)
+            stages = " · ".join(f"{k} {v:.0f}" for k, v in row[mode]["stages"].items())
             print(f"{cell.name} [{mode}]: wall {row[mode]['wall']:.1f} s, train {row[mode]['train']:.1f} s, "
-                  f"quantize {row[mode]['quantize']:.1f} s", flush=True)
+                  f"quantize {row[mode]['quantize']:.1f} s; stages {stages}", flush=True)
         rows.append(row)
     print("\n| cell | wall off | wall on | train off | train on | non-training off | non-training on |")
     print("|---|---|---|---|---|---|---|")

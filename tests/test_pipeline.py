@@ -37,6 +37,10 @@ def test_pipeline_on_the_tiny_model_writes_every_file(tiny_dir, tmp_path):
     assert "| perplexity | perplexity |" in (run / "report.md").read_text()
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    stages = report["facts"]["stage_seconds"]      # where a run's wall time went
+    assert list(stages) == ["load", "before", "prepare", "train", "save", "after"]
+    assert stages["train"] >= report["facts"]["train_seconds"] > 0 and min(stages.values()) >= 0
+    assert "- stage_seconds: load " in (run / "report.md").read_text()
 
 
 def test_cli_resume_continues_a_run_from_its_checkpoint(tiny_dir, tmp_path):

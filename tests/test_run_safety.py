@@ -10,7 +10,7 @@ from qpeft.core.model import streaming
 from qpeft.core.cli.main import cli
 from qpeft.core.base.errors import ModelLoadError
 
-MEASURED = {"quantize_seconds", "train_seconds", "tokens_per_s", "seconds", "runtime_s",  # timings
+MEASURED = {"quantize_seconds", "train_seconds", "stage_seconds", "tokens_per_s", "seconds", "runtime_s",  # timings
             "peak_rss_mb", "peak_gpu_reserved_mb", "peak_gpu_allocated_mb", "memory_mb"}
 
 

@@ -226,18 +226,23 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     record = RunRecord.started(cfg, p, cfg.run_name)
     if mode == "resume":    # what the checkpoints cannot serve is refused before anything is written
         record = run_record.resumed(cfg.run_dir, record)
+    stages = Stages()
     model, tokenizer, facts = load(cfg, p, device, world, say)
+    stages.done("load")
     run_dir = open_run_dir(cfg, mode, record) if world.is_main else cfg.run_dir
     world.barrier()
     ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test,
                        [p.quantizer, *p.adapter.parts, *p.evaluators])
     before = evaluate_before(cfg, p, ctx, facts, run_dir, mode == "resume", world, say, device)
+    stages.done("before")
     attach(cfg, p, model)
     batches, stats = training_batches(cfg, p, tokenizer)
     calibrate(cfg, p, model, batches, device, world, run_dir, mode == "resume", say)
     trainer = trainer_for(cfg, p, model, tokenizer, batches, run_dir, device, say,
                           run_record.predates_manifests(record.qpeft_version))
+    stages.done("prepare")
     result = trainer.train(resume=mode == "resume")
+    stages.done("train")
     saved = []    # the adapter, once written by this process
     try:
         with StopAtOnce() as stops:    # a signal now stops at once, with the line saying how to finish
@@ -247,8 +252,10 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
                 with stops.held():      # the adapter is written whole, then the signal acts
                     facts["adapter_disk_mb"] = save_adapter(p, model, run_dir, record, trainer)
                     saved.append(run_dir / "adapter")
+            stages.done("save")
             after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
             after.update(evaluate_variants(p, model, ctx, facts, say))
+            facts["stage_seconds"] = stages.done("after")
             out = report.build(record, before, after, facts, result, stats, p.evaluators,
                                p.adapter.method.report_facts(model))
             if world.is_main:
@@ -258,6 +265,20 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     except Stopped as stop:
         raise _stopped_after_training(stop.signum, trainer, run_dir, saved) from None
     return out
+
+
+class Stages:
+    """Wall seconds of each stage of a run, for the report's ``facts.stage_seconds`` (load,
+    before, prepare: attach + calibration + trainer, train, save, after); the process's start
+    (imports) is what a cell's wall time holds beyond their sum."""
+
+    def __init__(self):
+        self.seconds, self._since = {}, time.perf_counter()
+
+    def done(self, name: str) -> dict:
+        now = time.perf_counter()
+        self.seconds[name], self._since = round(now - self._since, 2), now
+        return dict(self.seconds)
 
 
 def _stopped_after_training(signum: int, trainer, run_dir: Path, saved: list) -> Interrupted:

@@ -78,6 +78,8 @@ def markdown(report: dict) -> str:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, dict):                 # stage_seconds: "load 5.04 · before 0.05 · …"
+        return " · ".join(f"{k} {_fmt(v)}" for k, v in value.items())
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
