@@ -28,6 +28,7 @@ from qpeft.core.model import models, streaming
 from qpeft.core.base import progress, rundir
 from qpeft.core.plugin import registry
 from qpeft.core.run import baselines, calibration, report, record as run_record
+from qpeft.core.run.stages import Stages
 from qpeft.core.dataset import templates
 from qpeft.core.kinds.adapter import compose
 from qpeft.core.dataset.batch_source import EncodedBatches
@@ -265,20 +266,6 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     except Stopped as stop:
         raise _stopped_after_training(stop.signum, trainer, run_dir, saved) from None
     return out
-
-
-class Stages:
-    """Wall seconds of each stage of a run, for the report's ``facts.stage_seconds`` (load,
-    before, prepare: attach + calibration + trainer, train, save, after); the process's start
-    (imports) is what a cell's wall time holds beyond their sum."""
-
-    def __init__(self):
-        self.seconds, self._since = {}, time.perf_counter()
-
-    def done(self, name: str) -> dict:
-        now = time.perf_counter()
-        self.seconds[name], self._since = round(now - self._since, 2), now
-        return dict(self.seconds)
 
 
 def _stopped_after_training(signum: int, trainer, run_dir: Path, saved: list) -> Interrupted:
