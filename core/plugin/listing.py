@@ -76,7 +76,7 @@ def every_plugin() -> dict:
 
 # -- the key ---------------------------------------------------------------------------------
 def _stamp(root: Path, digest) -> None:
-    """Add every source file under ``root`` (or ``root`` itself): relative path, size, mtime."""
+    """Add every source file under ``root`` (or ``root`` itself): its path, size and mtime."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json"))
     for path in files:
         stat = path.stat()
