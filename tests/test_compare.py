@@ -95,6 +95,44 @@ def test_a_failing_cell_is_recorded_and_the_others_still_run(monkeypatch, tmp_pa
     assert errors == {"none-lora": "Error: boom", "none-dora": None, "hqq-lora": None, "hqq-dora": None}
 
 
+def test_an_interrupted_grid_leaves_the_table_of_the_cells_finished_and_says_its_eta(
+        monkeypatch, grid_dir, tiny_dir, tmp_path):
+    """Issue 20 item 5: the tables are rewritten after every cell, and each cell's line
+    carries the grid's progress and ETA."""
+    import shutil
+
+    ran, said = [], []
+
+    def fake_run_cell(cell, output_dir, flags, log_dir, mode="new"):
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        ran.append(cell.name)
+        shutil.copytree(grid_dir / cell.name, output_dir / cell.name)   # a finished cell's run directory
+        return None
+    monkeypatch.setattr(compare_grid, "run_cell", fake_run_cell)
+    with pytest.raises(KeyboardInterrupt):
+        compare.compare(QUANTS, ADAPTERS, tmp_path, FLAGS + ["--model", tiny_dir], model=tiny_dir, say=said.append)
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(r["quant"], r["adapter"], r["status"]) for r in table["rows"]] == [
+        (QUANTS[0], ADAPTERS[0], "ok"), (QUANTS[0], ADAPTERS[1], "ok")]
+    assert (table["finished"], table["cells"]) == (2, 4)
+    assert all(r[PPL] > 1 and r["edge_score"] > 0 for r in table["rows"])
+    assert "grid: 2 combinations (2 of 4 finished so far" in (tmp_path / "comparison.md").read_text()
+    lines = [line for line in said if "cells ·" in line]
+    assert len(lines) == 2 and " · 1/4 cells · " in lines[0] and " · 2/4 cells · " in lines[1]
+    assert all("ETA " in line for line in lines)
+    assert not list(tmp_path.glob(".comparison*.part"))
+
+
+def test_the_eta_is_the_mean_cell_time_times_the_cells_left():
+    cells = compare_grid.grid(["none", "nf4"], ["lora", "dora"])
+    modes = {"nf4-dora": "done"}                               # skipped: no time for it
+    line = compare_grid.progress_line(1, 4, [100.0], 100.0, cells[1:], modes)
+    assert line == "1/4 cells · 1m40s elapsed · ETA 3m20s"
+    assert compare_grid.progress_line(4, 4, [100.0] * 4, 400.0, [], None) == "4/4 cells · 6m40s elapsed · grid done"
+    assert [compare_grid.clock(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+
+
 def test_a_rerun_skips_finished_cells(grid_dir, tiny_dir):
     reports = sorted(grid_dir.glob("*/report.json"))
     assert len(reports) == 4

@@ -16,3 +16,12 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a file beside it renamed into place: a reader (or a
+    kill midway) sees the old content or the new, never half of it."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, path)

@@ -7,7 +7,8 @@ matched against its run record, one ``qpeft run`` process per cell.
                               resume (same settings, no report: continued), overwrite (other
                               settings, only with --overwrite; else nothing runs)
     run_grid ─▶ run_cell   ─▶ python -m qpeft run --name CELL … [--resume|--overwrite], stderr
-                              to logs/CELL.log; a failing cell is recorded, the grid goes on
+                              to logs/CELL.log; a failing cell is recorded, the grid goes on;
+                              one line per cell with the grid's ETA
 
 :mod:`qpeft.core.compare.table` tabulates and scores what the cells wrote.
 """
@@ -153,21 +154,43 @@ def run_cell(cell: Cell, output_dir: Path, flags: list, log_dir: Path, mode: str
 
 def run_grid(cells: list, output_dir: Path, flags: list, say=print, after=None, modes: dict | None = None) -> dict:
     """Run every cell not finished yet (``modes``: from :func:`cell_modes`; None: every cell
-    new); ``{cell name: error or None}``. ``after(cell)`` is called for each finished cell,
-    right after it (``--export-quant``)."""
-    from tqdm import tqdm
+    new); ``{cell name: error or None}``. One line per cell: its outcome, the cells done, the
+    grid's elapsed time and its ETA (mean measured time of the cells run here × the cells
+    left). ``after(cell, error)`` is called for each cell, right after it (``--export-quant``,
+    the tables rewritten so far)."""
+    import time
 
     log_dir = output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    errors = {}
-    for cell in tqdm(cells, desc="grid", unit="cell", disable=None):
+    errors, ran, start = {}, [], time.perf_counter()
+    for number, cell in enumerate(cells, 1):
         mode = (modes or {}).get(cell.name, "new")
         if mode == "done":
-            say(f"  {cell.name}: done before with these settings, skipped")
-            errors[cell.name] = None
+            errors[cell.name], outcome = None, "done before with these settings, skipped"
         else:
+            began = time.perf_counter()
             errors[cell.name] = run_cell(cell, output_dir, flags, log_dir, mode=mode)
-            say(f"  {cell.name}: {'ok' if errors[cell.name] is None else errors[cell.name]}")
-        if after is not None and errors[cell.name] is None:
-            after(cell)
+            ran.append(time.perf_counter() - began)
+            outcome = f"ok in {clock(ran[-1])}" if errors[cell.name] is None else errors[cell.name]
+        say(f"  {cell.name}: {outcome} · {progress_line(number, len(cells), ran, time.perf_counter() - start, cells[number:], modes)}")
+        if after is not None:
+            after(cell, errors[cell.name])
     return errors
+
+
+def progress_line(done: int, total: int, ran: list, elapsed: float, rest: list, modes: dict | None) -> str:
+    """``"3/28 cells · 7m12s elapsed · ETA 1h02m"``: the ETA is the mean time of the cells run
+    so far times the cells still to run (those done before are skipped, and not counted)."""
+    left = sum(1 for c in rest if (modes or {}).get(c.name, "new") != "done")
+    eta = "ETA –" if not ran else f"ETA {clock(left * sum(ran) / len(ran))}"
+    return f"{done}/{total} cells · {clock(elapsed)} elapsed · {eta if left else 'grid done'}"
+
+
+def clock(seconds: float) -> str:
+    """``"45s"``, ``"7m12s"``, ``"1h02m"``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"

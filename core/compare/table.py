@@ -28,6 +28,7 @@ With ``--export-quant SPEC`` each finished cell is also merged and re-quantized 
 :data:`EXPORT_COLUMNS`: what the merge for shipping costs.
 """
 import csv
+import io
 import json
 import math
 import re
@@ -150,13 +151,17 @@ def columns(rows: list, meta: dict) -> dict:
 
 
 def write_tables(rows: list, out_dir: Path, meta: dict, plots: list) -> None:
-    """comparison.csv, comparison.json and comparison.md under ``out_dir``."""
-    with open(out_dir / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns(rows, meta)), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (out_dir / "comparison.json").write_text(json.dumps({**meta, "columns": columns(rows, meta), "rows": rows}, indent=2))
-    (out_dir / "comparison.md").write_text(markdown(rows, meta, plots))
+    """comparison.csv, comparison.json and comparison.md under ``out_dir``, each replaced
+    whole (they are rewritten after every cell of a grid)."""
+    from qpeft.core.base.durable import replace_text
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(columns(rows, meta)), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    replace_text(out_dir / "comparison.csv", text.getvalue())
+    replace_text(out_dir / "comparison.json", json.dumps({**meta, "columns": columns(rows, meta), "rows": rows}, indent=2))
+    replace_text(out_dir / "comparison.md", markdown(rows, meta, plots))
 
 
 def markdown(rows: list, meta: dict, plots: list) -> str:
@@ -166,7 +171,9 @@ def markdown(rows: list, meta: dict, plots: list) -> str:
              and (k != "within_budget" or meta.get("memory_budget_mb") is not None)
              and any(r.get(k) is not None for r in rows)]
     order = meta.get("sort_key") or "edge_score"
-    lines = ["# qpeft comparison", "", f"Model: {meta['model']} · grid: {len(rows)} combinations", "",
+    progress = (f" ({meta['finished']} of {meta['cells']} finished so far; this table is rewritten after each cell)"
+                if meta.get("finished", len(rows)) < meta.get("cells", len(rows)) else "")
+    lines = ["# qpeft comparison", "", f"Model: {meta['model']} · grid: {len(rows)} combinations{progress}", "",
              *compare_summary.summary(rows, meta, meta.get("directions") or {}), "",
              f"Rows sorted by {heads.get(order, order)}, best first.", "",
              "| " + " | ".join(heads[k] for k in shown) + " |", "|" + "---|" * len(shown)]
@@ -249,27 +256,39 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
                          + ("s" if len(problems) > 1 else ""))
     modes = cell_modes(cells, output_dir, flags, overwrite)
     say(f"qpeft: {len(cells)} combinations: " + ", ".join(f"{c.quant} × {c.adapter}" for c in cells))
-    exports = {}
+    exports, finished = {}, {}
 
-    def measure_export(cell):
-        from qpeft.core.compare import requant
+    def publish(errors: dict, final: bool) -> list:
+        """Rows of the cells finished so far, scored among themselves; the tables rewritten
+        (the plots only at the end), so an interrupted grid shows everything done."""
+        done = [c for c in cells if c.name in errors]
+        rows = [row(c, errors[c.name], output_dir / c.name, reg) for c in done]
+        if export_quant:
+            for r, c in zip(rows, done):
+                r.update(exports.get(c.name) or dict.fromkeys(EXPORT_COLUMNS))
+        edge_scores(rows, edge.key, edge.higher, weight_map, budget_mb)
+        meta = {"model": model or "SmolLM2-135M-Instruct (embedded)", "quants": quants, "adapters": adapters,
+                "evaluators": evaluators, "run_flags": flags, "memory_budget_mb": budget_mb,
+                "edge_quality": f"{edge.evaluator}:{edge.metric}", "edge_quality_label": edge.label,
+                "edge_quality_key": edge.key, "edge_weights": weight_map, "export_quant": export_quant,
+                "sort_key": order.key if order else "edge_score", "sort_higher": order.higher if order else True,
+                "directions": directions([output_dir / c.name for c in done], reg),
+                "cells": len(cells), "finished": len(done)}
+        plots = compare_plots.plot_all(rows, [output_dir / c.name for c in done], output_dir,
+                                       edge.key, edge.label, budget_mb) if final else []
+        write_tables(rows, output_dir, meta, plots)
+        return rows
 
-        exports[cell.name] = requant.compare_columns(output_dir / cell.name, export_quant,
-                                                     f"{edge.evaluator}:{edge.metric}", say)
-    errors = run_grid(cells, output_dir, flags, say, measure_export if export_quant else None, modes)
-    rows = [row(c, errors[c.name], output_dir / c.name, reg) for c in cells]
-    if export_quant:
-        for r, c in zip(rows, cells):
-            r.update(exports.get(c.name) or dict.fromkeys(EXPORT_COLUMNS))
-    edge_scores(rows, edge.key, edge.higher, weight_map, budget_mb)
-    meta = {"model": model or "SmolLM2-135M-Instruct (embedded)", "quants": quants, "adapters": adapters,
-            "evaluators": evaluators, "run_flags": flags, "memory_budget_mb": budget_mb,
-            "edge_quality": f"{edge.evaluator}:{edge.metric}", "edge_quality_label": edge.label,
-            "edge_quality_key": edge.key, "edge_weights": weight_map, "export_quant": export_quant,
-            "sort_key": order.key if order else "edge_score", "sort_higher": order.higher if order else True,
-            "directions": directions([output_dir / c.name for c in cells], reg)}
-    plots = compare_plots.plot_all(rows, [output_dir / c.name for c in cells], output_dir,
-                                   edge.key, edge.label, budget_mb)
-    write_tables(rows, output_dir, meta, plots)
+    def after_cell(cell, error):
+        if export_quant and error is None:
+            from qpeft.core.compare import requant
+
+            exports[cell.name] = requant.compare_columns(output_dir / cell.name, export_quant,
+                                                         f"{edge.evaluator}:{edge.metric}", say)
+        finished[cell.name] = error
+        if len(finished) < len(cells):
+            publish(finished, final=False)
+    errors = run_grid(cells, output_dir, flags, say, after_cell, modes)
+    rows = publish(errors, final=True)
     say(f"qpeft: compared {len(rows)} combinations; see {output_dir / 'comparison.md'}")
     return rows
