@@ -15,10 +15,29 @@ class _WithoutKernelsNotice(logging.Filter):
 
 
 def import_bitsandbytes():
-    """``bitsandbytes``, imported on first use without its optional-``kernels`` notice."""
+    """``bitsandbytes``, imported on first use without its optional-``kernels`` notice and
+    without its Hub lookup: on CPUs with AVX512-BF16, importing bitsandbytes asks the
+    ``kernels`` package (when installed) to fetch ``kernels-community/quantization-bitsandbytes``
+    from the Hugging Face Hub — a network call on every import, refused offline, and a
+    "Skipping publisher trust check" line under ``HF_HUB_OFFLINE=1``. qpeft never uses that
+    kernel (it serves bitsandbytes' own inference layout; qpeft calls ``matmul_4bit``), so
+    ``kernels`` is hidden while bitsandbytes imports and put back after."""
     if "bitsandbytes" not in sys.modules:
         logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutKernelsNotice())
+        hidden = sys.modules.get("kernels", _ABSENT)
+        sys.modules["kernels"] = None           # `from kernels import …` raises ImportError: no lookup
+        try:
+            import bitsandbytes
+            import bitsandbytes.functional  # noqa: F401  (registers the CPU/CUDA ops)
+        finally:
+            if hidden is _ABSENT:
+                del sys.modules["kernels"]
+            else:
+                sys.modules["kernels"] = hidden
     import bitsandbytes
-    import bitsandbytes.functional  # noqa: F401  (registers the CPU/CUDA ops)
+    import bitsandbytes.functional  # noqa: F401
 
     return bitsandbytes
+
+
+_ABSENT = object()
