@@ -4,7 +4,9 @@
 # combinations (one with bitsandbytes' paged 8-bit AdamW), and benchmarks/train_step.py's
 # qpeft-vs-PEFT rows on CUDA. Produced the figures of docs/benchmarks.md, "On a GPU".
 #
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh               # on the GPU machine
+#   bash benchmarks/gpu_check.sh --device cpu                # the same logic at a tiny size, on CPU
+#                                                            # (TINY=1; tests/test_gpu_check.py runs it)
 #
 # What it expects beside the repository (folder .whl/, ignored by git, carried to the GPU
 # machine): the wheels that machine lacks (bitsandbytes, hqq, gguf, termcolor; see
@@ -21,10 +23,20 @@
 # names to run, e.g. "install model-135m run-nf4-dora"; default all), TS_ROWS (train_step.py's
 # rows, none-lora,nf4-lora,nf4-dora), TS_BIG_ROWS (rows run beside big-nf4-lora, nf4-lora),
 # SRC (the qpeft source tree to install, default the checkout).
-# Every stage is bounded by `timeout`; a failed stage is reported and the next one runs.
+# Every stage is bounded by `timeout`; a failed stage is reported and the next one runs; the
+# script exits 1 if any stage failed (a stage skipped for lack of budget is not a failure), and
+# ends with one table of the stages and one of the runs.
 # Results: $OUT/log (everything), $OUT/summary.md, $OUT/results.tgz (report.json,
 # metrics.jsonl, config.json of each run, train_step's JSON).
 
+while [ $# -gt 0 ]; do
+    case $1 in
+        --device) [ "${2:-}" = cpu ] && TINY=1 TINY_DEVICE=cpu || DEVICE=${2:-cuda}; shift 2 ;;
+        --device=*) [ "${1#--device=}" = cpu ] && TINY=1 TINY_DEVICE=cpu || DEVICE=${1#--device=}; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument '$1'; use --device cuda (default) or --device cpu" >&2; exit 2 ;;
+    esac
+done
 set -x
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
@@ -47,10 +59,12 @@ if [ "${TINY:-0}" = 1 ]; then
     SMALL_SHAPE="--hidden 64 --layers 2 --intermediate 128 --heads 4 --kv-heads 2 --tie"
     BIG_SHAPE="--hidden 128 --layers 2 --intermediate 256 --heads 4 --kv-heads 2"
     TS_ARGS="--repeats 1 --steps 1 --warmup 1 --batch 2 --seq 32"
-    STEPS=2; BIG_STEPS=2; DEVICE=${TINY_DEVICE:-cpu}
+    STEPS=2; BIG_STEPS=2; DEVICE=${TINY_DEVICE:-cpu}; TS_ROWS=${TS_ROWS:-nf4-dora}   # one row: the same logic
 fi
 
 T0=$SECONDS
+FAILED=""
+STAGES=""
 # stage NAME MAX_SECONDS COMMAND...: run COMMAND under timeout, within what is left of BUDGET
 stage() {
     local name=$1 max=$2 left=$((BUDGET - (SECONDS - T0))); shift 2
@@ -60,8 +74,9 @@ stage() {
     echo "=== STAGE $name (limit ${max}s) at $((SECONDS - T0))s"
     local t=$SECONDS rc=0
     timeout -k 5 "$max" "$@" || rc=$?
-    [ $rc -ne 0 ] && echo "=== STAGE FAILED $name (rc $rc)"
+    [ $rc -ne 0 ] && echo "=== STAGE FAILED $name (rc $rc)" && FAILED="$FAILED $name"
     echo "=== END $name after $((SECONDS - t))s, rc $rc"
+    STAGES="$STAGES|$name $((SECONDS - t)) $rc"
     collect
     return $rc
 }
@@ -71,13 +86,15 @@ collect() {
 }
 
 # 0. the machine
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+[ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 $PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
 $PY -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|safetensors|bitsandbytes|hqq|gguf|pluggy|click|numpy|tokenizers|huggingface.hub|setuptools) '
 
 # 1. install: the carried wheels and qpeft itself, --no-deps into $SITE (torch etc. stay the machine's)
+# (without .whl/, as on CPU here: qpeft alone, the environment having the rest)
+WHEELS=$(shopt -s nullglob; echo .whl/*.whl)
 stage install 120 $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
-    --upgrade --target "$SITE" .whl/*.whl "${SRC:-.}"
+    --upgrade --target "$SITE" $WHEELS "${SRC:-.}"
 [ -d "$SITE/qpeft/core" ] || exit 1   # installed now or by an earlier call with the same WORK
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} REPO
 cd "$WORK" || exit 1   # not the checkout: python puts the current folder first, and its qpeft/ lacks qpeft.core
@@ -99,9 +116,10 @@ for k, v in (("hidden", 2048), ("layers", 22), ("intermediate", 5632), ("heads",
 ap.add_argument("--tie", action="store_true")
 a = ap.parse_args()
 t = time.perf_counter()
-info = m.write_random_llama(a.out, 1e9, 0, tokenizer=False, hidden=a.hidden, layers=a.layers,
+carried = (REPO / ".whl/tok").is_dir()   # else (CPU here) the embedded model's, converted before
+info = m.write_random_llama(a.out, 1e9, 0, tokenizer=not carried, hidden=a.hidden, layers=a.layers,
                             intermediate=a.intermediate, heads=a.heads, kv_heads=a.kv_heads, tie=a.tie)
-for f in m.TOKENIZER_FILES:
+for f in m.TOKENIZER_FILES if carried else ():
     if (REPO / ".whl/tok" / f).is_file():
         shutil.copy(REPO / ".whl/tok" / f, Path(a.out, f))
 print(f"{a.out}: {info['parameters'] / 1e9:.3f} B parameters in {time.perf_counter() - t:.1f} s")
@@ -131,6 +149,13 @@ stage export-nf4-gptq 150 $PY -m qpeft export "$WORK/runs/nf4-lora" --merge --qu
 (cd "$WORK" && for f in exp-*/export_report.json; do echo "== $f"; cat "$f"; done) || true
 qrun nf4-mtlora "$SMALL" "$STEPS" --quant nf4 --adapter mtlora --task-sampling per-task
 qrun nf4-lora-corda "$SMALL" "$STEPS" --quant nf4 --adapter lora+corda
+# data-parallel with one process (torchrun: the process group, the all-reduce and rank 0's writes)
+stage ddp-1 100 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m qpeft run --model "$SMALL" \
+    --steps "$STEPS" --eval-limit 32 --evaluators "perplexity;footprint" --log-every 5 --device "$DEVICE" \
+    --output-dir "$WORK/runs" --name ddp1-nf4-lora --overwrite --quant nf4 --adapter lora
+# the GGUF export (merged, q8_0), read back by transformers
+stage export-gguf 100 $PY -m qpeft export "$WORK/runs/nf4-lora" --format gguf --gguf-type q8_0 \
+    --out "$WORK/exp-nf4-lora-q8_0.gguf" --overwrite
 
 # 4. qpeft vs PEFT, one step at a time (benchmarks/train_step.py, a fresh process per tool and row)
 stage train-step 150 $PY "$REPO/benchmarks/train_step.py" --device "$DEVICE" --model "$SMALL" \
@@ -170,5 +195,8 @@ for d in sorted(Path(sys.argv[1]).iterdir()):
           f"{t.get('final_loss', 0):.4f} |")
 EOF
 collect
-echo "=== DONE after $((SECONDS - T0))s"
+{ echo "| stage | seconds | rc |"; echo "|---|---|---|"
+  echo "$STAGES" | tr '|' '\n' | while read -r n t r; do [ -n "$n" ] && echo "| $n | $t | $r |"; done; } | tee -a "$OUT/summary.md"
+echo "=== DONE after $((SECONDS - T0))s${FAILED:+; FAILED:$FAILED}"
 sleep 1   # let tee write the end of the log
+[ -z "$FAILED" ]

@@ -124,6 +124,20 @@ def test_an_interrupted_grid_leaves_the_table_of_the_cells_finished_and_says_its
     assert not list(tmp_path.glob(".comparison*.part"))
 
 
+def test_cells_skip_the_validation_during_training_unless_the_flags_or_the_file_ask(grid_dir, tmp_path):
+    """A grid's cells run with --eval-every 0 (the after perplexity measures the same split)."""
+    first = compare_grid.grid(QUANTS, ADAPTERS)[0].name
+    record = json.loads((grid_dir / first / "config.json").read_text())["config"]
+    assert record["train"]["eval_every"] == 0
+    lines = [json.loads(line) for line in (grid_dir / first / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert lines and not any("eval_loss" in line for line in lines)
+    assert compare_grid.grid_defaults([]) == ["--eval-every", "0"]
+    assert compare_grid.grid_defaults(["--eval-every", "5"]) == compare_grid.grid_defaults(["--eval-every=5"]) == []
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  eval_every: 3\n")
+    assert compare_grid.grid_defaults(["--config", str(config)]) == []
+
+
 def test_the_eta_is_the_mean_cell_time_times_the_cells_left():
     cells = compare_grid.grid(["none", "nf4"], ["lora", "dora"])
     modes = {"nf4-dora": "done"}                               # skipped: no time for it

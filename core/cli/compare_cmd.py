@@ -41,6 +41,8 @@ def compare_command(ctx, quant, adapter, model, data, output_dir, memory_budget,
     skips the cells finished with the same settings (their run record says so), resumes the
     ones stopped before their report, and stops — naming the setting — at a cell run with
     other settings, unless --overwrite. Columns are the metrics the evaluators report.
+    Cells skip the validation loss during training (--eval-every 0: the perplexity after
+    training measures the same split) unless --eval-every is given.
 
     \b
     Examples:

@@ -80,12 +80,27 @@ def run_flags(flags: list) -> dict:
     return given(parse(flags))
 
 
+def grid_defaults(flags: list) -> list[str]:
+    """The flags of ``GRID_RUN_DEFAULTS`` (core/settings/config.py) that neither ``flags`` nor
+    their ``--config`` file set: what every cell gets beside ``flags``."""
+    from qpeft.core.settings import config
+
+    file = run_flags(flags).get("config_file")
+    from_file = config.read_file(file) if file else {}
+    out = []
+    for key, value in config.GRID_RUN_DEFAULTS.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in from_file and not any(f == flag or f.startswith(flag + "=") for f in flags):
+            out += [flag, str(value)]
+    return out
+
+
 def cell_settings(cell: Cell, output_dir: Path, flags: list):
     """The RunConfig that the cell's ``qpeft run`` process builds from ``flags``, built the
     same way here (the run command's own parser and settings)."""
     from qpeft.core.settings import config
 
-    parsed = run_flags(flags)
+    parsed = run_flags([*flags, *grid_defaults(flags)])
     file = parsed.pop("config_file", None)
     return config.build(file, {**parsed, "quant": cell.quant, "adapter": cell.adapter, "name": cell.name,
                                "output_dir": str(output_dir)})

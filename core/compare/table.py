@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 
 from qpeft.core.compare import metrics as compare_metrics, summary as compare_summary
-from qpeft.core.compare.grid import Cell, cell_modes, grid, run_grid, spec_errors
+from qpeft.core.compare.grid import Cell, cell_modes, grid, grid_defaults, run_grid, spec_errors
 from qpeft.core.base.errors import QpeftError
 
 WEIGHTS = {"quality": 0.4, "memory": 0.2, "disk": 0.2, "time": 0.2}
@@ -249,6 +249,7 @@ def compare(quants: list, adapters: list, output_dir, flags: list, budget: str |
     order = compare_metrics.resolve_quality(sort, evaluators, reg, flag="--sort") if sort else None
     budget_mb, weight_map = parse_memory(budget), parse_weights(weights)
     output_dir = Path(output_dir)
+    flags = [*flags, *grid_defaults(flags)]
     cells = grid(quants, adapters)
     problems = spec_errors(quants, adapters, export_quant)
     if problems:

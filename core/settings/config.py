@@ -25,6 +25,10 @@ from qpeft.core.base.errors import OptionsError, QpeftError, unknown
 DEFAULT_QUANT, DEFAULT_ADAPTER = "nf4", "lora"
 DEFAULT_EVALUATORS = "perplexity;accuracy;prompts;footprint"
 DEFAULT_GRID = {"quant": "none;nf4;hqq", "adapter": "lora;lora+rslora;dora"}   # qpeft compare
+# Run settings a compare cell gets unless the flags or the --config file give them: no
+# validation loss during training (the "after" perplexity measures the same split once; in a
+# 40-step cell the five passes cost ~20 % of its time, docs/study.md).
+GRID_RUN_DEFAULTS = {"eval_every": 0}
 LIST_SETTINGS = ("evaluators",)     # a list of specs: "a;b", a repeated flag or a YAML list
 
 
