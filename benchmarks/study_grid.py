@@ -3,8 +3,8 @@
     python benchmarks/study_grid.py [--quant "none;nf4;hqq:nbits=2"] [--adapter "lora;dora;ia3"]
                                     [--steps 40] [--eval-limit 48] [--model DIR] [--json out.json]
 
-Each cell is the process ``qpeft compare`` starts for it (``python -m qpeft run --name CELL …``,
-core/compare/grid.py), run twice, the two passes interleaved cell by cell so that the machine's
+Each cell is the process ``qpeft compare`` starts for it (``python -m qpeft run --name CELL …``
+with compare's cell defaults, core/compare/grid.py), run twice, the two passes interleaved cell by cell so that the machine's
 drift falls on both alike:
 
 - **off**: ``--no-cache`` (the quantized base and its "before" numbers computed in every cell),
@@ -69,11 +69,12 @@ def main() -> None:
     ap.add_argument("--model", help="the base model (default: the embedded one)")
     ap.add_argument("--json", help="write every measurement here")
     a = ap.parse_args()
-    from qpeft.core.compare.grid import grid
+    from qpeft.core.compare.grid import grid, grid_defaults
 
     cells = grid([q for q in a.quant.split(";") if q], [m for m in a.adapter.split(";") if m])
     flags = ["--steps", str(a.steps), "--eval-limit", str(a.eval_limit), "--evaluators", a.evaluators,
              "--save-every", "0", *(["--model", a.model] if a.model else [])]
+    flags += grid_defaults(flags)          # what `qpeft compare` adds to every cell (--eval-every 0)
     work = Path(tempfile.mkdtemp(prefix="qpeft-study-grid-"))
     caches = {"off": cache_with_models(work / "cache-off"), "on": cache_with_models(work / "cache-on")}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
