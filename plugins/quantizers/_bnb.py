@@ -22,21 +22,19 @@ def import_bitsandbytes():
     "Skipping publisher trust check" line under ``HF_HUB_OFFLINE=1``. qpeft never uses that
     kernel (it serves bitsandbytes' own inference layout; qpeft calls ``matmul_4bit``), so
     ``kernels`` is hidden while bitsandbytes imports and put back after."""
-    if "bitsandbytes" not in sys.modules:
+    first = "bitsandbytes" not in sys.modules
+    if first:
         logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutKernelsNotice())
         hidden = sys.modules.get("kernels", _ABSENT)
         sys.modules["kernels"] = None           # `from kernels import …` raises ImportError: no lookup
-        try:
-            import bitsandbytes
-            import bitsandbytes.functional  # noqa: F401  (registers the CPU/CUDA ops)
-        finally:
-            if hidden is _ABSENT:
-                del sys.modules["kernels"]
-            else:
-                sys.modules["kernels"] = hidden
-    import bitsandbytes
-    import bitsandbytes.functional  # noqa: F401
-
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401  (registers the CPU/CUDA ops)
+    finally:
+        if first and hidden is _ABSENT:
+            del sys.modules["kernels"]
+        elif first:
+            sys.modules["kernels"] = hidden
     return bitsandbytes
 
 
