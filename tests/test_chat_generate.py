@@ -181,3 +181,31 @@ def test_generate_refusals_are_one_line(lora_run):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, result.output
         assert says in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_generation_gives_the_head_contiguous_rows_and_the_same_answers(tiny_dir, tokenizer):
+    """Generation's first step hands the head ``hidden[:, -1:, :]``, a strided view, which makes
+    CPU matmul copy the head's weight per row (core/model/generation.py). Every loaded model
+    gets a pre-hook that makes it contiguous: the head only ever sees contiguous input, and the
+    greedy answers equal those of the same model without the hook."""
+    import torch
+
+    from qpeft.core.model.generation import contiguous_head_input, generate
+    from qpeft.core.model.streaming import load_quantized
+    from qpeft.core.plugin import registry
+
+    model = load_quantized(tiny_dir, registry.get("quantizer", "none")())[0]
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    hooked = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=2)
+    assert seen and all(seen)
+    plain = load_quantized(tiny_dir, registry.get("quantizer", "none")())[0]
+    plain.get_output_embeddings()._forward_pre_hooks.clear()
+    seen.clear()
+    plain.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    assert generate(plain, tokenizer, prompts, max_new_tokens=4, batch_size=2) == hooked
+    assert not all(seen)                  # without the hook the first step's rows are strided
+    contiguous_head_input(model)          # idempotent: still one pre-hook
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+    assert torch.equal(model.get_output_embeddings().weight, plain.get_output_embeddings().weight)

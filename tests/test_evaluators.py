@@ -88,6 +88,25 @@ def test_mmlu_log_likelihoods_match_a_hand_computation(tiny, tokenizer):
     assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_mmlu_shared_shots_are_computed_once_with_the_same_log_likelihoods(tiny, tokenizer):
+    """Two questions after the same three shots: the shots are run once (one prefix group,
+    longer than the shots' header) and every score still equals a full forward pass by hand."""
+    from qpeft.plugins.evaluators import _loglik
+
+    q3 = mmlu.Question("high_school_physics", "What is 3 + 3?", ["6", "7", "8", "9"], 0)
+    prompts = [mmlu.build_prompt(q, [Q1, Q1, Q1]) for q in (Q2, q3)]
+    conts = [" A", " B", " C", " D", " B because"]
+    pairs = [mmlu.encode_pair(tokenizer, p, c) for p in prompts for c in conts]
+    scored = {tuple((ctx + cont)[:-1]): len(cont) for ctx, cont in pairs}
+    groups = _loglik.prefix_groups(scored)
+    shared = [prefix for prefix, members in groups if prefix]
+    assert len(shared) == 1 and len(shared[0]) > 60 and sum(len(m) for _, m in groups) == len(scored)
+    got = mmlu.continuation_logprobs(tiny, pairs, 3, "cpu", 2048, True)
+    want = [hand_logprob(tiny, tokenizer, p, c) for p in prompts for c in conts]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx(mmlu.continuation_logprobs(tiny, pairs, 3, "cpu", 2048, False), abs=1e-4)
+
+
 def write_jsonl(path, records):
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return str(path)

@@ -33,3 +33,20 @@ def padded(rows: list[list[int]], pad: int, left: bool = False) -> tuple[torch.T
         ids[i, where] = torch.tensor(r, dtype=torch.long)
         mask[i, where] = 1
     return ids, mask
+
+
+def contiguous_head_input(model) -> None:
+    """Make the output head's input contiguous before its matmul (a forward pre-hook).
+
+    In generation's first step transformers feeds the head ``hidden[:, -1:, :]``, a strided
+    view. On CPU, ``torch.matmul`` (2.13) then does not fold the batch into one ``mm`` but
+    expands the head's weight to ``(batch, hidden, vocab)`` and copies it for a ``bmm``:
+    0.75 s for a batch of 16 on SmolLM2's 49 152 × 576 head against 6 ms for the same
+    product on a contiguous copy of the 16 rows (equal results). Training and scoring pass
+    contiguous activations, for which ``contiguous()`` is free. Idempotent.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_qpeft_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    head._qpeft_contiguous_input = True

@@ -223,6 +223,9 @@ def load_model(spec: str | None = None, dtype=None, device: str = "cpu"):
         raise ModelLoadError(_failed(spec, source, exc, "model")) from None
     model.to(device)
     model.config.qpeft_source = spec or DEFAULT_MODEL
+    from qpeft.core.model.generation import contiguous_head_input
+
+    contiguous_head_input(model)
     return model, tokenizer
 
 

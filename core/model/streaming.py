@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qpeft.core.model import models, quant_cache
+from qpeft.core.model.generation import contiguous_head_input
 from qpeft.core.base.errors import ModelLoadError
 from qpeft.core.kinds.quantizer import LayerStats, cast_unquantized, tensor_bytes
 
@@ -207,6 +208,7 @@ def _empty_model(directory: Path) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()
     model.eval()  # as from_pretrained; the quantized layers, made later, keep nn.Module's default
+    contiguous_head_input(model)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model

@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qpeft import Evaluator, QpeftError, hookimpl, option
+from qpeft.plugins.evaluators._loglik import continuation_logprobs
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -144,43 +145,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list, list]
     return whole[:len(ctx)], whole[len(ctx):]
 
 
-# -- scoring -----------------------------------------------------------------------------
-def continuation_logprobs(model, pairs: list, batch_size: int = 8, device="cpu",
-                          max_length: int = 2048) -> list[float]:
-    """``Σ log p(continuation | context)`` for each ``(context ids, continuation ids)`` pair.
-
-    As lm-evaluation-harness: the model reads ``(context + continuation)[-(max_length+1):-1]``
-    and the continuation's tokens are scored at the last positions. Pairs whose inputs are
-    equal (the four one-token answers of a question) share one forward pass.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from qpeft import padded
-
-    inputs, jobs = {}, defaultdict(list)
-    for index, (ctx, cont) in enumerate(pairs):
-        inp = tuple((list(ctx) + list(cont))[-(max_length + 1):-1])
-        jobs[inputs.setdefault(inp, len(inputs))].append((index, list(cont)))
-    order = sorted(inputs, key=len, reverse=True)
-    out = [0.0] * len(pairs)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc="mmlu", leave=False, disable=None):
-            chunk = order[start:start + batch_size]
-            ids, mask = padded(chunk, 0)
-            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             use_cache=False).last_hidden_state
-            for row, inp in enumerate(chunk):
-                mine = jobs[inputs[inp]]
-                k = max(len(cont) for _, cont in mine)
-                logp = torch.log_softmax(head(hidden[row, len(inp) - k:len(inp)]).float(), dim=-1)
-                for index, cont in mine:
-                    rows = logp[k - len(cont):]
-                    out[index] = rows.gather(1, torch.tensor(cont, device=rows.device)[:, None]).sum().item()
-    return out
-
-
 @dataclasses.dataclass
 class MMLUOptions:
     path: str = option("", "MMLU folder (dev/, test/ CSVs) or JSONL file; empty: the bundled sample")
@@ -188,6 +152,8 @@ class MMLUOptions:
     limit: int = option(0, "at most N test questions per subject; 0 for all")
     batch_size: int = option(8, "prompts per forward pass")
     max_length: int = option(0, "prompt tokens kept (cut from the left); 0: the model's context, at most 2048")
+    share_prefix: bool = option(True, "compute the shots a subject's prompts share once (same scores up to float "
+                                      "rounding); false: every prompt in full, as lm-evaluation-harness")
 
     def __post_init__(self):
         if self.shots < 0 or self.limit < 0 or self.batch_size < 1 or self.max_length < 0:
@@ -219,7 +185,8 @@ class MMLU(Evaluator):
         pairs = [encode_pair(ctx.tokenizer, build_prompt(q, shots), f" {letter}")
                  for q, shots in cases for letter in LETTERS]
         limit = self.options.max_length or min(getattr(ctx.model.config, "max_position_embeddings", 2048), 2048)
-        scores = continuation_logprobs(ctx.model, pairs, self.options.batch_size, ctx.device, limit)
+        scores = continuation_logprobs(ctx.model, pairs, self.options.batch_size, ctx.device, limit,
+                                        self.options.share_prefix)
         by_subject = defaultdict(lambda: [0, 0])
         for i, (q, _) in enumerate(cases):
             four = scores[4 * i:4 * i + 4]
