@@ -22,6 +22,11 @@ raises ``AssertionError`` naming the plugin and what failed. What they check::
 A combination a plugin refuses with a one-line :class:`QpeftError` (``lora+loftq`` over
 ``none``: nothing to correct) is not a failure: it is returned as ``"refused: …"`` in the
 ``{name: outcome}`` dict each check returns, for the caller to assert on.
+
+This module holds the checks and the quantizer × adapter cell; what they run on (the tiny
+reference model and batch, ``adapt``/``attach``, the evaluation context) is in
+:mod:`~qpeft.core.kit.fixtures`, the quantized layer's contract in
+:mod:`~qpeft.core.kit.layer_contract`; both are re-exported here.
 """
 import contextlib
 import copy
@@ -32,11 +37,12 @@ from pathlib import Path
 
 from qpeft.core.kinds.adapter import Adapter, Composition
 from qpeft.core.base.errors import QpeftError
+from qpeft.core.kit.fixtures import (  # noqa: F401  (re-exported: the kit's names stay importable here)
+    _CACHE, TASKS, adapt, attach, calibrate, eval_context, logits, random_batches, route, tiny_batch, tiny_reference)
+from qpeft.core.kit.layer_contract import layer_contract, relative, storage_is_held  # noqa: F401
 
 STEPS, LR = 5, 2e-2
-TASKS = ("a", "b")   # the kit's data facts: the tiny batch's two rows are tasks a and b
 QUANT_VALUES = {"compute_dtype": "float32"}  # exact float32 matmuls: differences are the plugin's
-_CACHE: dict = {}  # the reference model, the evaluation model, each quantizer's gap
 
 
 def check_quantizer(cls, registry=None, options: dict | None = None, methods=None) -> dict[str, str]:
@@ -111,78 +117,6 @@ def composer(cls, reg, options: dict | None = None):
     host = min(roots, key=lambda h: (len(vars(h)), h.name))   # the one overriding least
     return lambda: Composition(host.from_values({}), [cls.from_values(options or {})], f"{host.name}+{cls.name}")
 
-
-def adapt(reference, adapter=None, quantizer="none:compute_dtype=float32", registry=None, seed: int = 0,
-          calibration=None):
-    """``(model, composition)``: a quantized copy of ``reference`` with ``adapter`` attached.
-
-    ``adapter`` is a spec (``"reslora:r=4+rslora"``, looked up in ``registry``, default the
-    process-wide one), a :class:`Composition`, or None (quantized only; composition None);
-    ``quantizer`` a spec or a Quantizer instance. Torch is seeded with ``seed`` before attach;
-    a calibrating part (EVA) sees ``calibration`` (see :func:`attach`)."""
-    from qpeft.core.kinds import adapter as adapters
-    from qpeft.core.plugin.build import build_plugin
-    from qpeft.core.plugin.registry import default
-
-    reg = registry or default()
-    if isinstance(quantizer, str):
-        quantizer = build_plugin("quantizer", quantizer, reg)
-    composition = adapters.compose(adapter, reg) if isinstance(adapter, str) else adapter
-    return attach(reference, quantizer, composition, seed, calibration), composition
-
-
-def attach(reference, quantizer, composition: Composition | None, seed: int = 0, calibration=None):
-    """A quantized copy of ``reference`` with ``composition`` (if any) attached — and, when a
-    part calibrates (EVA), calibrated on ``calibration`` (a list of ``model(**batch)`` dicts;
-    default: four seeded batches of random tokens), as a run calibrates it."""
-    import torch
-
-    from qpeft.core.plugin.base import DataFacts
-    from qpeft.core.train.hooks import TrainHooks
-
-    model = copy.deepcopy(reference)
-    quantizer.quantize_model(model, keep_source=composition is not None and composition.needs_source_weights,
-                             float32_activations=composition is not None and composition.needs_float32_activations)
-    torch.manual_seed(seed)
-    if composition is not None:
-        TrainHooks(composition.parts).data(DataFacts(TASKS, {t: 1 for t in TASKS}, len(TASKS), 0))
-        composition.attach(model)
-        if composition.calibrating:
-            calibrate(model, composition, calibration or random_batches(reference.config.vocab_size))
-    return model
-
-
-def route(plugins, model, tasks, step=None) -> None:
-    """``on_batch`` on every plugin, as the trainer and the evaluators call it."""
-    from qpeft.core.train.hooks import TrainHooks
-
-    TrainHooks(plugins).batch(model, tasks, step)
-
-
-def calibrate(model, composition: Composition, batches: list) -> None:
-    """What a run's calibration stage does, on ``batches``: each calibrating part's
-    ``calibrate`` (:func:`~qpeft.core.kinds.adapter.calibrated`), its state applied through
-    ``restore_calibration``."""
-    from qpeft.core.dataset.calibration import CalibrationBatches
-    from qpeft.core.kinds.adapter import calibrated
-
-    states = {part.name: calibrated(part, model, CalibrationBatches.of(batches[:part.calibration_batches()]))
-              for part in composition.calibrating}
-    composition.method.restore_calibration(model, states)
-
-
-def random_batches(vocab_size: int, count: int = 4, rows: int = 4, length: int = 32, seed: int = 0) -> list:
-    """``count`` batches of random token ids (labels: the ids, the first quarter masked), seeded."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(0, vocab_size, (rows, length), generator=g)
-        labels = ids.clone()
-        labels[:, :length // 4] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
 
 
 def cell(quantizer, compose) -> str:
@@ -349,111 +283,3 @@ def quantizer_gap(reference, quantizer) -> float:
         setattr(parent, attr, plain)
     _CACHE[key] = (logits(model.float(), tiny_batch()) - quantized).abs().max().item()
     return _CACHE[key]
-
-
-def logits(model, batch):
-    import torch
-
-    with torch.no_grad():
-        return model(batch).logits.float()
-
-
-def tiny_reference():
-    """The kit's reference model: a 2-block tiny Llama, vocabulary 1000, seed 5 (cached)."""
-    from qpeft.core.model.tiny import random_llama
-
-    if "model" not in _CACHE:
-        _CACHE["model"] = random_llama(vocab_size=1000, seed=5)
-    return _CACHE["model"]
-
-
-def tiny_batch():
-    import torch
-
-    return torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
-
-
-def layer_contract(quantizer) -> None:
-    """One quantized layer against the QuantizedLinear contract (see the module doc)."""
-    import torch
-    from torch import nn
-
-    from qpeft.core.kinds.quantizer import QuantizedLinear
-
-    where = f"quantizer '{quantizer.name}'"
-    gen = torch.Generator().manual_seed(0)
-    linear = nn.Linear(64, 48)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(48, 64, generator=gen) * 0.05)
-    weight = linear.weight.detach().clone()
-    layer = quantizer.quantize_linear(linear)
-    assert isinstance(layer, QuantizedLinear), f"{where}: quantize_linear returned {type(layer).__name__}"
-    hat = layer.dequantize()
-    assert hat.shape == (48, 64) and hat.dtype == torch.float32, (
-        f"{where}: dequantize gave {hat.dtype} {tuple(hat.shape)}, not float32 (48, 64)")
-    assert relative(hat, weight) < 0.3, f"{where}: ‖W−Ŵ‖/‖W‖ = {relative(hat, weight):.3g}; Ŵ is not W quantized"
-    assert not any(p.requires_grad for p in layer.parameters()), f"{where}: the layer has trainable tensors"
-    x = torch.randn(3, 64, generator=gen).requires_grad_(True)
-    y = layer.train()(x)
-    expected = x.detach() @ hat.t() + (0 if linear.bias is None else linear.bias.detach())
-    assert relative(y.detach().float(), expected) < 0.05, (
-        f"{where}: forward differs from x·Ŵᵀ + b by {relative(y.detach().float(), expected):.3g} (relative)")
-    y.float().sum().backward()
-    assert x.grad is not None and relative(x.grad, hat.sum(0).expand(3, -1)) < 0.05, (
-        f"{where}: the gradient reaching the input is not ∂L/∂y·Ŵ")
-    storage_is_held(layer, where)
-    again = nn.Linear(64, 48)
-    with torch.no_grad():
-        again.weight.copy_(weight)
-        again.bias.copy_(linear.bias)
-        same = torch.equal(quantizer.quantize_linear(again).eval()(x), layer.eval()(x))
-    assert same, (f"{where}: quantizing the same weight twice gives different layers; a saved "
-                  "adapter reloads onto a re-quantized base, so quantizing must be deterministic")
-    layer.set_weight(-weight)
-    assert relative(layer.dequantize(), -weight) < 0.3, f"{where}: set_weight(W) did not make Ŵ ≈ W"
-    storage_is_held(layer, f"{where} after set_weight")
-
-
-def storage_is_held(layer, where: str) -> None:
-    """``storage_bytes()`` equals the bytes of the layer's parameters and buffers (shared
-    storage once), and no tensor is held outside them (where ``.to()`` would miss it)."""
-    import torch
-
-    from qpeft.core.kinds.quantizer import tensor_bytes
-
-    held = tensor_bytes([*layer.parameters(), *layer.buffers()])
-    assert layer.storage_bytes() == held, (f"{where}: storage_bytes() reports {layer.storage_bytes()} "
-                                           f"bytes; its tensors hold {held}")
-    loose = [k for k, v in vars(layer).items() if isinstance(v, torch.Tensor) and k != "source_weight"]
-    assert not loose, f"{where}: tensors {loose} are held outside the layer's buffers"
-
-
-def relative(a, b) -> float:
-    import torch
-
-    return (torch.linalg.norm(a.float() - b.float()) / torch.linalg.norm(b.float())).item()
-
-
-def eval_context():
-    """An EvalContext on the tiny model with its real tokenizer, two validation examples
-    and two checkable test cases."""
-    from functools import partial
-
-    from qpeft.core.dataset import templates
-    from qpeft.core.dataset.examples import Example
-    from qpeft.core.kinds.evaluator import EvalContext
-    from qpeft.core.model.models import load_tokenizer
-    from qpeft.core.model.tiny import random_llama
-
-    if "eval" not in _CACHE:
-        tokenizer = load_tokenizer(None)
-        _CACHE["eval"] = random_llama(len(tokenizer)), tokenizer
-    model, tokenizer = _CACHE["eval"]
-    model.requires_grad_(False)
-    examples = [Example(messages=[{"role": "user", "content": f"Which is larger, {a} or {b}?"}],
-                        response=f"{max(a, b)} is larger.", answer=str(max(a, b)))
-                for a, b in ((9.11, 9.9), (3.5, 3.25))]
-    return EvalContext(model=model.eval(), tokenizer=tokenizer, stage="after",
-                       validation=examples, test=examples, limit=2,
-                       encode=lambda e: templates.encode(e, tokenizer, max_length=64)[0],
-                       prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer))
