@@ -88,16 +88,16 @@ def test_the_lock_is_released_when_its_holder_dies(tmp_path):
 
 def signal_at_the_final_evaluation(monkeypatch, sig):
     """``sig`` arrives while the evaluators run after training (the adapter is saved by then)."""
-    from qpeft.core.run import pipeline
+    from qpeft.core.run import evaluation
 
-    real = pipeline.evaluate
+    real = evaluation.evaluate
 
     def evaluate(evaluators, ctx, say):
         if ctx.stage == "after":
             os.kill(os.getpid(), sig)
             time.sleep(5)                       # the signal's handler acts during the sleep
         return real(evaluators, ctx, say)
-    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
 
 
 def run_args(tiny_dir, out, name, *extra):

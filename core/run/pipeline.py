@@ -1,4 +1,5 @@
-"""The run pipeline, as named stages (each a function of this module, run by ``_run_locked``):
+"""The run pipeline, as named stages (each a function of this module, run by ``_run_locked``;
+the evaluations are in :mod:`qpeft.core.run.evaluation`, whose names are re-exported here):
 
     plan          every name resolved, every input checked, data read — before any load;
                   every plugin's on_data(facts) (the data's tasks: MTLoRA sizes itself to them)
@@ -16,18 +17,17 @@ Every name is resolved and every input checked before the model is loaded, so a 
 costs a second, not a conversion.
 """
 import dataclasses
-import json
 import signal
-import time
-from functools import partial
 from pathlib import Path
 
 from qpeft.core.dataset import examples as datasets
 from qpeft.core.train import distributed, memory
 from qpeft.core.model import models, streaming
-from qpeft.core.base import progress, rundir
+from qpeft.core.base import rundir
 from qpeft.core.plugin import registry
-from qpeft.core.run import baselines, calibration, report, record as run_record
+from qpeft.core.run import calibration, evaluation, report, record as run_record
+from qpeft.core.run.evaluation import (  # noqa: F401  (evaluate, eval_context, … stay importable from here)
+    _quiet, _template, by_task, encoder, eval_context, evaluate, evaluate_before, evaluate_variants, task_router)
 from qpeft.core.run.stages import Stages
 from qpeft.core.dataset import templates
 from qpeft.core.kinds.adapter import compose
@@ -36,7 +36,6 @@ from qpeft.core.dataset.batching import pack
 from qpeft.core.train.loss import mean_loss
 from qpeft.core.settings.config import RunConfig
 from qpeft.core.base.errors import QpeftError
-from qpeft.core.kinds.evaluator import EvalContext
 from qpeft.core.plugin.base import Plugin
 from qpeft.core.plugin.build import build_plugin
 from qpeft.core.kinds.quantizer import model_bytes
@@ -139,73 +138,6 @@ def open_run_dir(cfg: RunConfig, mode: str, record: RunRecord) -> Path:
         return staged.commit()
 
 
-def encoder(cfg: RunConfig, tokenizer):
-    """Example → Encoded with the run's template and length (None when it does not fit)."""
-    encode = partial(templates.encode, tokenizer=tokenizer, template=_template(cfg),
-                     max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt)
-    return lambda example: encode(example)[0]
-
-
-def eval_context(cfg: RunConfig, model, tokenizer, device, validation: list, test: list, plugins=()):
-    """A factory of :class:`EvalContext` for this model: call it with ``stage`` and ``facts``.
-    ``plugins``: the run's; when one routes by task (``on_batch``), ``use_task`` tells it the task."""
-    return partial(EvalContext, model=model, tokenizer=tokenizer, device=device, limit=cfg.eval_limit,
-                   validation=validation, test=test, encode=encoder(cfg, tokenizer),
-                   prompt_ids=partial(templates.prompt_ids, tokenizer=tokenizer, template=_template(cfg)),
-                   use_task=task_router(plugins, model))
-
-
-def task_router(plugins, model):
-    """``use_task(name or None)`` calling ``on_batch(model, (name,), None)`` on the plugins that
-    route by task; None when none does."""
-    hooks = TrainHooks(plugins)
-    if not hooks.routes:
-        return None
-    return lambda task: hooks.batch(model, None if task is None else (task,), None)
-
-
-def by_task(items: list) -> dict:
-    """``{task: items}`` in sorted task order (None, for items without one, first)."""
-    groups: dict = {}
-    for item in items:
-        groups.setdefault(getattr(item, "task", None), []).append(item)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")))
-
-
-def _template(cfg: RunConfig):
-    return cfg.template if cfg.template != "auto" else None
-
-
-def evaluate(evaluators, ctx: EvalContext, say) -> dict:
-    """Every evaluator on one context; a failing evaluator is recorded, not fatal."""
-    results = {}
-    for ev in evaluators:
-        started = time.perf_counter()
-        if ctx.use_task is not None:
-            ctx.use_task(None)       # no task left over from training or from the last evaluator
-        try:
-            with progress.evaluating(f"{ctx.stage} {ev.name}" if say is not _quiet else None):
-                results[ev.name] = ev.evaluate(ctx)
-        except QpeftError as exc:
-            results[ev.name] = {"error": str(exc)}
-        say(f"  {ctx.stage:>6} {ev.name}: {report.brief(results[ev.name])} "
-            f"({time.perf_counter() - started:.1f} s)")
-    return results
-
-
-def evaluate_variants(p: Plan, model, ctx, facts, say) -> dict:
-    """Extra "after" evaluations an adapter method asks for through the optional hook
-    ``report_variants(model) -> {label: apply}`` (QDyLoRA: one per rank). The adapter is
-    saved before this, so the variants change only what is evaluated."""
-    variants = p.adapter.method.report_variants(model)
-    out = {}
-    for label, apply in variants.items():
-        apply()
-        for name, metrics in evaluate(p.evaluators, ctx(stage=f"after {label}", facts=dict(facts)), say).items():
-            out[f"{name} [{label}]"] = metrics
-    return out
-
-
 def run(cfg: RunConfig, say=print) -> dict:
     """Run the whole pipeline; returns the report (also written under the run directory).
 
@@ -232,9 +164,9 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
     stages.done("load")
     run_dir = open_run_dir(cfg, mode, record) if world.is_main else cfg.run_dir
     world.barrier()
-    ctx = eval_context(cfg, model, tokenizer, device, p.validation, p.test,
-                       [p.quantizer, *p.adapter.parts, *p.evaluators])
-    before = evaluate_before(cfg, p, ctx, facts, run_dir, mode == "resume", world, say, device)
+    ctx = evaluation.eval_context(cfg, model, tokenizer, device, p.validation, p.test,
+                                  [p.quantizer, *p.adapter.parts, *p.evaluators])
+    before = evaluation.evaluate_before(cfg, p, ctx, facts, run_dir, mode == "resume", world, say, device)
     stages.done("before")
     attach(cfg, p, model)
     batches, stats = training_batches(cfg, p, tokenizer)
@@ -254,8 +186,8 @@ def _run_locked(cfg: RunConfig, p: Plan, world, mode: str, say) -> dict:
                     facts["adapter_disk_mb"] = save_adapter(p, model, run_dir, record, trainer)
                     saved.append(run_dir / "adapter")
             stages.done("save")
-            after = evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
-            after.update(evaluate_variants(p, model, ctx, facts, say))
+            after = evaluation.evaluate(p.evaluators, ctx(stage="after", facts=dict(facts)), say)
+            after.update(evaluation.evaluate_variants(p, model, ctx, facts, say))
             facts["stage_seconds"] = stages.done("after")
             out = report.build(record, before, after, facts, result, stats, p.evaluators,
                                p.adapter.method.report_facts(model))
@@ -291,10 +223,6 @@ def _stopped_after_training(signum: int, trainer, run_dir: Path, saved: list) ->
                                f"{run_dir} (it does not train again: it saves the adapter, evaluates and reports)")
 
 
-def _quiet(line: str) -> None:
-    """``say`` for the processes other than rank 0 under torchrun: rank 0 prints the lines."""
-
-
 def load(cfg: RunConfig, p: Plan, device, world, say):
     """Stage 1: the model, quantized layer by layer as it is read; ``(model, tokenizer, facts)``."""
     for line in choices(cfg, p, device):
@@ -321,43 +249,6 @@ def choices(cfg: RunConfig, p: Plan, device) -> list[str]:
     return [f"qpeft: loading {cfg.model or models.EMBEDDED} on {device} ({why})",
             f"qpeft: quantizer {cfg.quant} · adapter {p.adapter.spec} · matmuls in {q.options.compute_dtype} "
             f"({q.dtype_reason}) · activations {activations}"]
-
-
-def evaluate_before(cfg: RunConfig, p: Plan, ctx, facts: dict, run_dir: Path, resuming: bool, world, say,
-                    device="cpu") -> dict:
-    """Stage 2: the evaluators on the quantized model before training (kept in
-    ``eval_before.json``, so a resumed run does not measure them again). A reproducible
-    evaluator's result is read from, or written to, the baseline cache (:mod:`baselines`)
-    unless ``--no-cache``; ``facts["before_cached"]`` names those read."""
-    before_file = run_dir / "eval_before.json"
-    if resuming and before_file.is_file():
-        try:
-            before = json.loads(before_file.read_bytes())
-        except (ValueError, RecursionError) as exc:   # truncated by a kill, or edited
-            raise QpeftError(f"{before_file} is damaged ({str(exc).splitlines()[0][:120]}); delete it (it is "
-                             f"measured again) and resume: qpeft run --resume {run_dir}") from None
-        return before
-    cached, entries = {}, {}
-    if not cfg.no_cache and any(ev.reproducible for ev in p.evaluators):
-        shared = baselines.run_key(cfg, p, device)
-        for ev in p.evaluators:
-            if ev.reproducible:
-                entries[ev.name] = baselines.entry(shared, ev)
-                found = baselines.read(*entries[ev.name])
-                if found is not None:
-                    cached[ev.name] = found
-                    say(f"  before {ev.name}: {report.brief(found)} (cached: same model, quantizer and data)")
-    measured = evaluate([ev for ev in p.evaluators if ev.name not in cached], ctx(stage="before", facts=dict(facts)), say)
-    if world.is_main:
-        for name, result in measured.items():
-            if name in entries:
-                baselines.write(*entries[name], result, run_dir)
-    before = {ev.name: cached.get(ev.name, measured.get(ev.name)) for ev in p.evaluators}
-    if cached:
-        facts["before_cached"] = ", ".join(cached)
-    if world.is_main:
-        before_file.write_text(json.dumps(before, indent=2))
-    return before
 
 
 def attach(cfg: RunConfig, p: Plan, model) -> None:
