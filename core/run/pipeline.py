@@ -26,8 +26,6 @@ from qpeft.core.model import models, streaming
 from qpeft.core.base import rundir
 from qpeft.core.plugin import registry
 from qpeft.core.run import calibration, evaluation, report, record as run_record
-from qpeft.core.run.evaluation import (  # noqa: F401  (evaluate, eval_context, … stay importable from here)
-    _quiet, _template, by_task, encoder, eval_context, evaluate, evaluate_before, evaluate_variants, task_router)
 from qpeft.core.run.stages import Stages
 from qpeft.core.dataset import templates
 from qpeft.core.kinds.adapter import compose
@@ -44,6 +42,18 @@ from qpeft.core.base.spec import split_list
 from qpeft.core.train.signals import Interrupted, Stopped, StopAtOnce
 from qpeft.core.train.hooks import TrainHooks
 from qpeft.core.train.trainer import Trainer, seed_everything
+
+_EVALUATION = ("eval_context", "encoder", "task_router", "by_task", "evaluate", "evaluate_variants",
+               "evaluate_before", "_template", "_quiet")
+
+
+def __getattr__(name: str):
+    """The evaluation stages' names, still importable from here (``pipeline.evaluate``, …):
+    looked up in :mod:`~qpeft.core.run.evaluation` on each use, so that both name one function
+    (a test that replaces ``evaluation.evaluate`` replaces it for every caller)."""
+    if name in _EVALUATION:
+        return getattr(evaluation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass
@@ -148,7 +158,7 @@ def run(cfg: RunConfig, say=print) -> dict:
     rundir.inside(cfg.output_dir, cfg.run_name)
     world = distributed.current()
     if not world.is_main:   # rank 0 owns the directory and speaks; the others follow it quietly
-        return _run_locked(cfg, p, world, "resume" if cfg.resume else "new", _quiet)
+        return _run_locked(cfg, p, world, "resume" if cfg.resume else "new", evaluation._quiet)
     with rundir.RunLock(cfg.output_dir, cfg.run_name):
         return _run_locked(cfg, p, world, run_mode(cfg), say)
 
@@ -262,9 +272,9 @@ def attach(cfg: RunConfig, p: Plan, model) -> None:
 
 def training_batches(cfg: RunConfig, p: Plan, tokenizer):
     """The encoded (and, with --packing, packed) training set; ``(EncodedBatches, encode stats)``."""
-    items, stats = templates.encode_all(p.train, tokenizer, _template(cfg), cfg.max_length, cfg.train_on_prompt)
+    items, stats = templates.encode_all(p.train, tokenizer, evaluation._template(cfg), cfg.max_length, cfg.train_on_prompt)
     if cfg.packing and cfg.train.task_sampling == "per-task":    # each task packed alone: rows keep their task
-        items = [row for group in by_task(items).values() for row in pack(group, cfg.max_length, cfg.train.seed)]
+        items = [row for group in evaluation.by_task(items).values() for row in pack(group, cfg.max_length, cfg.train.seed)]
     elif cfg.packing:
         items = pack(items, cfg.max_length, cfg.train.seed)
     return EncodedBatches(items, tokenizer.pad_token_id, cfg.train.seed), stats
@@ -288,16 +298,16 @@ def trainer_for(cfg: RunConfig, p: Plan, model, tokenizer, batches, run_dir: Pat
     """Stage 4: the trainer over the training ``batches``, with the validation loss as its
     periodic evaluation. ``unverified_checkpoints``: the run was started by a qpeft that
     wrote no manifests."""
-    val_items = [i for i in map(encoder(cfg, tokenizer), p.validation) if i is not None]
+    val_items = [i for i in map(evaluation.encoder(cfg, tokenizer), p.validation) if i is not None]
     plugins = [p.quantizer, *p.adapter.parts, *p.evaluators]
-    route = task_router(plugins, model)
+    route = evaluation.task_router(plugins, model)
 
     def validation_loss(m) -> dict:
         if route is None:
             loss, _ = mean_loss(m, val_items, tokenizer.pad_token_id, device=device)
             return {"eval_loss": loss}
         total, count = 0.0, 0           # each task's examples under that task's routing
-        for task, group in by_task(val_items).items():
+        for task, group in evaluation.by_task(val_items).items():
             route(task)
             loss, n = mean_loss(m, group, tokenizer.pad_token_id, device=device)
             total, count = total + loss * n, count + n
