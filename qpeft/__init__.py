@@ -18,6 +18,7 @@ PUBLIC = {  # core module → the names it provides here; plugins (built-in ones
     "qpeft.core.interop.peft_import": ["load_adapter"],
     "qpeft.core.kinds.evaluator": ["Evaluator", "EvalContext"],
     "qpeft.core.base.options": ["option"],
+    "qpeft.core.base.bnb": ["import_bitsandbytes"],
     "qpeft.core.base.errors": ["QpeftError", "OptionsError", "UnknownPluginError", "PluginLoadError",
                                "ModelLoadError", "closest"],
     "qpeft.core.kinds.adapter_layers": ["AdapterLayer", "ALL_LINEAR", "TensorShapeError", "adapter_layers",

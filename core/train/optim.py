@@ -2,7 +2,8 @@
 
 AdamW by default. bitsandbytes' paged AdamW (32- and 8-bit) pages optimizer state to
 CPU memory under GPU memory pressure (QLoRA §3); it needs CUDA, so on CPU qpeft says so
-once and uses torch's AdamW.
+once and uses torch's AdamW. bitsandbytes is imported through ``import_bitsandbytes``
+(core/base/bnb.py), as the quantizers import it.
 """
 import math
 import sys
@@ -14,8 +15,9 @@ def build_optimizer(params, cfg, device: torch.device):
     """The optimizer named by ``cfg.optimizer`` (falls back to AdamW on CPU, with a message)."""
     if cfg.optimizer != "adamw":
         if device.type == "cuda":
-            import bitsandbytes as bnb
+            from qpeft.core.base.bnb import import_bitsandbytes
 
+            bnb = import_bitsandbytes()   # quietly: no Hub lookup for a kernel the optimizers never use
             cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
                    "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]
             return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
