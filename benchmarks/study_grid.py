@@ -101,6 +101,14 @@ def main() -> None:
         print(f"caches {m}: grid {t['wall'] / 60:.1f} min, training {t['train'] / 60:.1f} min, "
               f"non-training {t['other'] / 60:.1f} min ({100 * t['other'] / t['wall']:.0f} % of wall)")
     print(f"speed-up with the caches: {total['off']['wall'] / total['on']['wall']:.2f}×")
+    for m in ("off", "on"):
+        stages = {}
+        for r in rows:
+            for k, v in r[m]["stages"].items():
+                stages[k] = stages.get(k, 0.0) + v
+        start = total[m]["wall"] - sum(stages.values())
+        print(f"caches {m}, where the time went: process start {start:.0f} s · "
+              + " · ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
     per_cell = total["on"]["wall"] / len(rows)
     print(f"100 cells at this grid's mean cell time with the caches: {100 * per_cell / 3600:.1f} h")
     if a.json:
